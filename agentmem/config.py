@@ -1,0 +1,114 @@
+"""The one configuration object of agentmem: how the KV memory is cut, retrieved and positioned.
+
+`MemoryConfig` is frozen and validated on construction; impossible combinations raise a `ValueError`
+that names the field to change. `PRESETS` holds named configurations (`MemoryConfig.preset(name)`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Position = Literal["contiguous", "infllm", "selfextend", "streaming", "full"]
+Representative = Literal["attention", "mean", "minmax"]
+
+RETRIEVING_POSITIONS = ("contiguous", "infllm", "selfextend")
+
+
+class MemoryConfig(BaseModel):
+    """How every global-attention layer turns an unbounded stream into a finite attention window.
+
+    Each query attends to `[n_init sinks | topk units of unit_size tokens | n_local recent tokens]`,
+    so at most `window` keys, however long the memory grows.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    unit_size: int = Field(128, gt=0, description="tokens per memory unit")
+    n_init: int = Field(64, ge=0, description="first tokens of the stream, always attended (sinks)")
+    n_local: int = Field(
+        960, gt=0, description="most recent tokens, always attended (local window)"
+    )
+    topk: int = Field(
+        8, ge=0, description="memory units retrieved per step (prefill chunk or token)"
+    )
+    repr_topk: int = Field(4, gt=0, description="representative keys per unit")
+    repr: Representative = Field(
+        "attention",
+        description="attention: the repr_topk keys that received most attention; mean: means of "
+        "repr_topk equal slices; minmax: per-slice min/max bounding boxes (Quest)",
+    )
+    exec_chunk: int = Field(512, gt=0, description="tokens per prefill step")
+    position: Position = Field("contiguous", description="how the window's keys are positioned")
+    selfextend_group: int = Field(8, gt=0, description="SelfExtend group size G")
+    selfextend_window: int = Field(512, gt=0, description="SelfExtend neighbour window W")
+
+    @model_validator(mode="after")
+    def _check(self) -> MemoryConfig:
+        if self.repr_topk > self.unit_size:
+            raise ValueError(
+                f"repr_topk={self.repr_topk} exceeds unit_size={self.unit_size}: "
+                "a unit cannot have more representatives than tokens; lower repr_topk"
+            )
+        if self.repr in ("mean", "minmax") and self.unit_size % self.repr_topk:
+            raise ValueError(
+                f"repr='{self.repr}' cuts each unit into repr_topk={self.repr_topk} equal slices, "
+                f"which needs unit_size ({self.unit_size}) divisible by repr_topk"
+            )
+        if self.position in RETRIEVING_POSITIONS and self.topk == 0:
+            raise ValueError(
+                f"position='{self.position}' with topk=0 retrieves nothing; "
+                "set topk >= 1, or use position='streaming' for sinks + local only"
+            )
+        if self.position != "full" and self.exec_chunk + self.unit_size > self.n_local + 1:
+            raise ValueError(
+                f"exec_chunk={self.exec_chunk} does not fit the local window: a prefill step must "
+                f"leave room for whole units to be packed, so exec_chunk + unit_size "
+                f"({self.unit_size}) "
+                f"must be <= n_local + 1 ({self.n_local + 1}); lower exec_chunk or raise n_local"
+            )
+        if self.position == "selfextend" and self.selfextend_window % self.selfextend_group:
+            raise ValueError(
+                f"selfextend_window={self.selfextend_window} must be a multiple of "
+                f"selfextend_group={self.selfextend_group} so grouped distances continue the "
+                "neighbour distances without a gap"
+            )
+        return self
+
+    @property
+    def retrieves(self) -> bool:
+        """Whether units are retrieved into the window (False for streaming and full)."""
+        return self.position in RETRIEVING_POSITIONS
+
+    @property
+    def window(self) -> int | None:
+        """Most keys one query attends to, or None for `full` (unbounded)."""
+        if self.position == "full":
+            return None
+        retrieved = self.topk * self.unit_size if self.retrieves else 0
+        return self.n_init + retrieved + self.n_local
+
+    @classmethod
+    def preset(cls, name: str, **overrides: object) -> MemoryConfig:
+        """A named preset, optionally with some fields changed."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset '{name}'; choose one of {sorted(PRESETS)}")
+        # Rebuilt rather than copied, so the overrides are validated too.
+        return cls(**{**PRESETS[name].model_dump(), **overrides})
+
+
+PRESETS: dict[str, MemoryConfig] = {
+    # 2048 keys per query: 64 sinks + 8 x 128 retrieved + 960 local.
+    "default": MemoryConfig(),
+    # A 4K window for long contexts on GPU: 128 sinks + 16 x 128 retrieved + 1920 local.
+    "4k": MemoryConfig(n_init=128, topk=16, n_local=1920, exec_chunk=1024),
+    # The InfLLM paper's layout and position rule (Mistral config).
+    "infllm": MemoryConfig(
+        position="infllm", n_init=128, topk=16, n_local=4096, repr_topk=4, exec_chunk=512
+    ),
+    # StreamingLLM baseline: sinks + local, the middle is dropped.
+    "streaming": MemoryConfig(position="streaming", topk=0, n_init=64, n_local=1984),
+    # Plain attention over everything (a reference, grows without bound).
+    "full": MemoryConfig(position="full", topk=0),
+}

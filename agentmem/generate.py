@@ -1,0 +1,64 @@
+"""Generation as small free functions: `prefill`, `decode_one_token`, `greedy` (gpt-fast style).
+
+They take any transformers causal LM and any cache, so the same loop drives a wrapped model on an
+AgentMemCache and the full-attention baselines on a DynamicCache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from tqdm.auto import tqdm
+from transformers.cache_utils import Cache
+
+
+@torch.inference_mode()
+def prefill(
+    model: torch.nn.Module,
+    cache: Cache,
+    input_ids: torch.Tensor,
+    *,
+    chunk: int,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Feed `input_ids` [B, T] in chunks of `chunk` tokens; returns the last logits [B, V]."""
+    if input_ids.shape[1] == 0:
+        raise ValueError("prefill needs at least one token")
+    total = input_ids.shape[1]
+    bar = tqdm(total=total, unit="tok", desc="prefill", leave=False, disable=not progress)
+    with bar:
+        for first in range(0, total, chunk):
+            piece = input_ids[:, first : first + chunk]
+            out = model(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            bar.update(piece.shape[1])
+    return out.logits[:, -1]
+
+
+@torch.inference_mode()
+def decode_one_token(model: torch.nn.Module, cache: Cache, token: torch.Tensor) -> torch.Tensor:
+    """Feed one token per sequence, `token` [B]; returns the next logits [B, V]."""
+    out = model(input_ids=token[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1]
+
+
+def greedy(
+    model: torch.nn.Module,
+    cache: Cache,
+    logits: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    stop_ids: set[int] = frozenset(),
+) -> Iterator[int]:
+    """Greedy continuation of batch 0 from `logits` [B, V]; yields token ids.
+
+    The last yielded token is not fed to the model: the caller decides whether it enters the cache.
+    Stops after `max_new_tokens` or after yielding a token of `stop_ids`.
+    """
+    for step in range(max_new_tokens):
+        token = logits.argmax(dim=-1)  # [B]
+        token_id = int(token[0])
+        yield token_id
+        if token_id in stop_ids or step == max_new_tokens - 1:
+            return
+        logits = decode_one_token(model, cache, token)

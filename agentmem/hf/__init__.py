@@ -1,0 +1,1 @@
+"""The seams into transformers: cache, registered attention, rotary swap, wrap/unwrap."""

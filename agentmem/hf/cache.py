@@ -1,0 +1,67 @@
+"""agentmem's transformers `Cache`: one memory state per layer, behind the standard cache contract.
+
+Global layers hold a `MemoryLayer` (unbounded memory, finite window), sliding-window layers a
+`SlidingLayer` (their own bounded cache). `update` only hands the step's pre-RoPE keys and values to
+the layer's state; the registered attention function does the rest.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from agentmem.config import MemoryConfig
+from agentmem.memory.layer import MemoryLayer, SlidingLayer
+
+
+class AgentMemCacheLayer(CacheLayerMixin):
+    """Adapts a `MemoryLayer` or `SlidingLayer` to transformers' per-layer cache contract."""
+
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, state: MemoryLayer | SlidingLayer) -> None:
+        super().__init__()
+        self.state = state
+        self.is_sliding = isinstance(state, SlidingLayer)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.is_initialized = True
+        self.state.store(key_states, value_states)
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.state.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.state.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("agentmem memory does not support beam search")
+
+
+class AgentMemCache(Cache):
+    """The KV memory of one stream (a session): per-layer states plus the config they follow."""
+
+    def __init__(self, states: list[MemoryLayer | SlidingLayer], config: MemoryConfig) -> None:
+        super().__init__(layers=[AgentMemCacheLayer(state) for state in states])
+        self.config = config
+
+    @property
+    def memory_layers(self) -> list[MemoryLayer]:
+        """The states of the global-attention layers, in layer order."""
+        return [layer.state for layer in self.layers if isinstance(layer.state, MemoryLayer)]
+
+    def state(self, layer_idx: int) -> MemoryLayer | SlidingLayer:
+        return self.layers[layer_idx].state
+
+    def nbytes(self) -> int:
+        """Bytes held by every layer's keys, values and representatives."""
+        return sum(layer.state.nbytes() for layer in self.layers)

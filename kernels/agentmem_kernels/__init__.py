@@ -1,0 +1,17 @@
+"""agentmem's attention and retrieval kernels.
+
+`reference` holds the exact pure-torch implementation of every entry point; it runs on any device
+and is what faster kernels are tested against.
+"""
+
+from agentmem_kernels import reference
+from agentmem_kernels.reference import (
+    attention,
+    gather_units,
+    merge,
+    rope,
+    score_units,
+    unit_logits,
+)
+
+__all__ = ["attention", "gather_units", "merge", "reference", "rope", "score_units", "unit_logits"]

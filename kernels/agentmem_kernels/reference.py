@@ -1,0 +1,150 @@
+"""Exact pure-torch references of every agentmem kernel: the ground truth kernels are tested on.
+
+Layout is transformers' own, `[B, H, T, D]` (batch, heads, tokens, head dim); key/value heads `Hkv`
+divide query heads `Hq` (GQA). Everything is computed in fp32 and returned in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in transformers' half-split convention, computed in the dtype of `x`.
+
+    x: [..., T, D]; cos, sin: broadcastable to x, computed by the model's own rotary module.
+    """
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    q_abs: torch.Tensor,
+    k_abs: torch.Tensor,
+    min_dist: int = 0,
+    max_dist: int | None = None,
+    return_lse: bool = True,
+    return_probs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Softmax attention of rotated queries over rotated keys, masked by distance in the stream.
+
+    Key j is visible to query t iff `min_dist <= q_abs[t] - k_abs[j] < max_dist`: `min_dist=0` is
+    causal, `max_dist` a sliding window. A query that sees no key gets output 0 and lse -inf, so
+    that `merge` gives it no weight. With neither lse nor probs asked for, torch's fused
+    `scaled_dot_product_attention` computes the same output (every query must see a key).
+
+    Args:
+        q: [B, Hq, T, D] queries, already rotated.
+        k, v: [B, Hkv, K, D] keys (already rotated) and values.
+        q_abs: [T] index of each query in the stream.
+        k_abs: [K] or [B, Hkv, K] index of each key in the stream.
+    Returns:
+        out [B, Hq, T, D], lse [B, Hq, T] (natural log of the softmax normaliser of the scaled
+        logits) or None, probs [B, Hq, T, K] or None.
+    """
+    batch, n_q_heads, n_queries, head_dim = q.shape
+    n_kv_heads = k.shape[1]
+    group = n_q_heads // n_kv_heads
+    dist = q_abs.view(-1, 1) - k_abs.unsqueeze(-2)  # [T, K] or [B, Hkv, T, K]
+    visible = dist >= min_dist
+    if max_dist is not None:
+        visible &= dist < max_dist
+    if visible.dim() == 4:
+        visible = visible.unsqueeze(2)  # [B, Hkv, 1, T, K]
+
+    if not return_lse and not return_probs:
+        if visible.dim() == 5:
+            visible = visible.expand(-1, -1, group, -1, -1).flatten(1, 2)  # [B, Hq, T, K]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), attn_mask=visible, scale=scale, enable_gqa=True
+        )
+        return out, None, None
+
+    qg = q.float().view(batch, n_kv_heads, group, n_queries, head_dim)
+    logits = torch.einsum("bhgtd,bhkd->bhgtk", qg, k.float()) * scale  # [B, Hkv, G, T, K]
+    logits = logits.masked_fill(~visible, float("-inf"))
+
+    lse = torch.logsumexp(logits, dim=-1)  # [B, Hkv, G, T]
+    safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    probs = torch.exp(logits - safe_lse.unsqueeze(-1))
+    out = torch.einsum("bhgtk,bhkd->bhgtd", probs, v.float())
+    out = out.reshape(batch, n_q_heads, n_queries, -1)
+    lse = lse.reshape(batch, n_q_heads, n_queries)
+    if not return_probs:
+        return out, lse, None
+    return out, lse, probs.reshape(batch, n_q_heads, n_queries, -1)
+
+
+def merge(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact log-sum-exp merge of two attentions of the same queries over disjoint key sets.
+
+    out: [B, H, T, D], lse: [B, H, T]; a side with lse -inf (no visible key) gets weight 0.
+    """
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    weight_a = torch.exp(lse_a - safe).unsqueeze(-1)
+    weight_b = torch.exp(lse_b - safe).unsqueeze(-1)
+    return out_a * weight_a + out_b * weight_b, lse
+
+
+def score_units(
+    q: torch.Tensor, reps: torch.Tensor, *, kind: str, scale: float, k: int
+) -> torch.Tensor:
+    """Exact top-k units for a step's queries, for every (batch, key head) set at once.
+
+    A unit's logit for one query is its best representative's: `max_r q . rep_r` (`kind="dot"`), or
+    for bounding boxes the upper bound `max_r sum_d max(q_d min_rd, q_d max_rd)` (`kind="minmax"`,
+    reps hold R mins then R maxes). Each query spreads a unit mass over units by a softmax of its
+    scaled logits; a unit's score is the mass summed over the step's queries and the group's heads,
+    so a few sharp queries are not drowned by many indifferent ones and the set is shared by the
+    heads that read the same key head.
+
+    Args:
+        q: [B, Hq, T, D] queries rotated to the scoring distance.
+        reps: [B, Hkv, N, R, D] representatives ([B, Hkv, N, 2R, D] for minmax).
+        k: units to return, <= N.
+    Returns:
+        [B, Hkv, k] int64 unit ids, ascending (the order units have in the stream).
+    """
+    logits = unit_logits(q, reps, kind=kind)  # [B, Hkv, G, T, N]
+    mass = torch.softmax(logits * scale, dim=-1).sum(dim=(2, 3))  # [B, Hkv, N]
+    top = torch.topk(mass, k, dim=-1).indices
+    return torch.sort(top, dim=-1).values
+
+
+def unit_logits(q: torch.Tensor, reps: torch.Tensor, *, kind: str) -> torch.Tensor:
+    """Per-query logit of every unit: [B, Hq, T, D] x [B, Hkv, N, R, D] -> [B, Hkv, G, T, N]."""
+    batch, n_q_heads, n_queries, head_dim = q.shape
+    n_kv_heads = reps.shape[1]
+    qg = q.float().view(batch, n_kv_heads, n_q_heads // n_kv_heads, n_queries, head_dim)
+    reps = reps.float()
+    if kind == "dot":
+        per_rep = torch.einsum("bhgtd,bhnrd->bhgtnr", qg, reps)
+    elif kind == "minmax":
+        half = reps.shape[3] // 2
+        lows, highs = reps[:, :, :, :half], reps[:, :, :, half:]
+        per_rep = torch.einsum("bhgtd,bhnrd->bhgtnr", qg.clamp(min=0), highs) + torch.einsum(
+            "bhgtd,bhnrd->bhgtnr", qg.clamp(max=0), lows
+        )
+    else:
+        raise ValueError(f"unknown unit score kind '{kind}'; expected 'dot' or 'minmax'")
+    return per_rep.amax(dim=-1)
+
+
+def gather_units(pool: torch.Tensor, ids: torch.Tensor, unit_size: int) -> torch.Tensor:
+    """Keys or values of the chosen units, in the order of `ids`.
+
+    pool: [B, H, N * unit_size, D]; ids: [B, H, k] -> [B, H, k * unit_size, D].
+    """
+    offsets = torch.arange(unit_size, device=ids.device)
+    token_ids = (ids.unsqueeze(-1) * unit_size + offsets).flatten(-2)  # [B, H, k * U]
+    index = token_ids.unsqueeze(-1).expand(-1, -1, -1, pool.shape[-1])
+    return torch.gather(pool, 2, index)
