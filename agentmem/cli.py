@@ -140,7 +140,7 @@ def _warm_up(lm, memory: MemoryConfig) -> None:
     """One short prompt per code path, so first-call allocations do not count as a method's."""
     from agentmem.passkey import build_prompt, run_prompt
 
-    prompt = build_prompt(lm.tokenizer, 256, 0.5, "12345")
+    prompt = build_prompt(lm.tokenizer, 512, 0.5, "12345")
     for method in ("agentmem", "full"):
         run_prompt(lm, method, prompt, memory, max_new_tokens=2)
 

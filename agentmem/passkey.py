@@ -40,7 +40,7 @@ class PasskeyPrompt:
     length: int  # the length asked for; the prompt has at most this many tokens
     key: str
     depth: float
-    needle: tuple[int, int]  # [start, end) token span of the needle sentence
+    needle: tuple[int, int]  # [start, end) tokens of "The pass key is NNNNN", the key's first mention
 
 
 def depths(n: int) -> list[float]:
@@ -73,10 +73,11 @@ def build_prompt(tokenizer, n_tokens: int, depth: float, key: str) -> PasskeyPro
     before = round(repeats * depth)
     ids = head + filler * before
     start = len(ids)
-    ids += needle
-    end = len(ids)
-    ids += filler * (repeats - before) + question
-    return PasskeyPrompt(ids=ids, length=n_tokens, key=key, depth=depth, needle=(start, end))
+    ids += needle + filler * (repeats - before) + question
+    stated = next(i for i in range(1, len(needle) + 1) if key in tokenizer.decode(needle[:i]))
+    return PasskeyPrompt(
+        ids=ids, length=n_tokens, key=key, depth=depth, needle=(start, start + stated)
+    )
 
 
 def parse_answer(text: str) -> str:

@@ -1,0 +1,52 @@
+"""The real Gemma-3-270M (built from the PyPI GGUF package), on the CPU: a ~4K-token passkey
+prompt with a window of about 1K keys finds the key at three depths."""
+
+from __future__ import annotations
+
+import pytest
+
+import agentmem
+from agentmem import models
+from agentmem.passkey import build_prompt, parse_answer
+
+pytestmark = pytest.mark.slow
+
+# 64 sinks + 2 units of 128 + 704 local: 1024 keys per query, a quarter of the prompt.
+WINDOW_1K = agentmem.MemoryConfig(n_init=64, topk=2, unit_size=128, n_local=704, exec_chunk=512)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return models.load("gemma-3-270m", WINDOW_1K, device="cpu")
+
+
+def test_second_load_reads_the_converted_copy(lm, monkeypatch):
+    assert (models.converted_gemma() / "model.safetensors").is_file()
+
+    def fail(*args):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(models, "_convert_gguf", fail)
+    again = models.load("gemma-3-270m", WINDOW_1K, device="cpu")
+    assert again.model.config.model_type == "gemma3_text"
+    assert agentmem.is_wrapped(again.model)
+
+
+@pytest.mark.parametrize(("depth", "key"), [(0.1, "40715"), (0.3, "82936"), (0.5, "57204")])
+def test_passkey_at_4k_with_a_1k_window(lm, depth, key):
+    prompt = build_prompt(lm.tokenizer, 4096, depth, key)
+    session = lm.session(progress=False)
+    session.append_tokens(prompt.ids)
+    layers = session.cache.memory_layers
+    attended = max(
+        layer.n_sinks + layer.last_ids.shape[-1] * layer.units.unit_size + layer.n_local
+        for layer in layers
+    )
+    assert attended <= WINDOW_1K.window == 1024 < len(prompt.ids) // 3
+    needle = set(range(*prompt.needle))
+    recalled = [
+        needle <= {i for start, end in layer.attended_spans() for i in range(start, end)}
+        for layer in layers
+    ]
+    assert any(recalled)
+    assert parse_answer(session.generate(max_new_tokens=8)) == key
