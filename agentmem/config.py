@@ -40,7 +40,7 @@ class MemoryConfig(BaseModel):
         "repr_topk equal slices; minmax: per-slice min/max bounding boxes (Quest)",
     )
     exec_chunk: int = Field(512, gt=0, description="tokens per prefill step")
-    position: Position = Field("contiguous", description="how the window's keys are positioned")
+    position: Position = Field("infllm", description="how the window's keys are positioned")
     selfextend_group: int = Field(8, gt=0, description="SelfExtend group size G")
     selfextend_window: int = Field(512, gt=0, description="SelfExtend neighbour window W")
 
@@ -103,10 +103,10 @@ PRESETS: dict[str, MemoryConfig] = {
     "default": MemoryConfig(),
     # A 4K window for long contexts on GPU: 128 sinks + 16 x 128 retrieved + 1920 local.
     "4k": MemoryConfig(n_init=128, topk=16, n_local=1920, exec_chunk=1024),
-    # The InfLLM paper's layout and position rule (Mistral config).
-    "infllm": MemoryConfig(
-        position="infllm", n_init=128, topk=16, n_local=4096, repr_topk=4, exec_chunk=512
-    ),
+    # The InfLLM paper's layout (its Mistral config).
+    "infllm-paper": MemoryConfig(n_init=128, topk=16, n_local=4096, repr_topk=4, exec_chunk=512),
+    # ReAttention's rule: the window renumbered 0..W-1, retrieved units in stream order.
+    "contiguous": MemoryConfig(position="contiguous"),
     # StreamingLLM baseline: sinks + local, the middle is dropped.
     "streaming": MemoryConfig(position="streaming", topk=0, n_init=64, n_local=1984),
     # Plain attention over everything (a reference, grows without bound).

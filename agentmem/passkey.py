@@ -40,7 +40,9 @@ class PasskeyPrompt:
     length: int  # the length asked for; the prompt has at most this many tokens
     key: str
     depth: float
-    needle: tuple[int, int]  # [start, end) tokens of "The pass key is NNNNN", the key's first mention
+    needle: tuple[
+        int, int
+    ]  # [start, end) tokens of "The pass key is NNNNN", the key's first mention
 
 
 def depths(n: int) -> list[float]:

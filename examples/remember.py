@@ -6,7 +6,9 @@ Run: .venv/bin/python examples/remember.py   (CPU, about a minute after the firs
 import agentmem
 from agentmem.models import load
 
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+FILLER = (
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+)
 
 lm = load("gemma-3-270m", memory=agentmem.MemoryConfig(n_local=960, topk=8))
 session = lm.session()

@@ -45,7 +45,7 @@ def test_impossible_combinations_say_what_to_change(fields, message):
 
 
 def test_presets_are_valid_and_overridable():
-    assert set(PRESETS) >= {"default", "4k", "infllm", "streaming", "full"}
+    assert set(PRESETS) >= {"default", "4k", "infllm-paper", "contiguous", "streaming", "full"}
     config = MemoryConfig.preset("4k", topk=4)
     assert config.topk == 4 and config.n_local == PRESETS["4k"].n_local
     with pytest.raises(ValueError, match="unknown preset"):

@@ -54,8 +54,12 @@ def test_window_covering_everything_equals_the_model(family, ids):
         torch.testing.assert_close(logits, want[:, t], atol=2e-5, rtol=1e-4)
 
 
-# 150 tokens: 4 sinks, 8 units of 16 packed, <= 24 local; topk 9 retrieves every unit.
-ALL_UNITS = agentmem.MemoryConfig(n_init=4, unit_size=16, topk=9, n_local=24, exec_chunk=8)
+# 150 tokens: 4 sinks, 8 units of 16 packed, <= 24 local; topk 9 retrieves every unit. Contiguous
+# positions then equal the stream's own (the other policies are checked pair by pair in
+# tests/memory/test_policy.py).
+ALL_UNITS = agentmem.MemoryConfig(
+    n_init=4, unit_size=16, topk=9, n_local=24, exec_chunk=8, position="contiguous"
+)
 
 
 @pytest.mark.parametrize("repr", ["attention", "mean", "minmax"])

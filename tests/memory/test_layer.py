@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import agentmem.memory.policy as policy
+import agentmem.memory.layer as memory_layer
 from agentmem.config import MemoryConfig
 from agentmem.memory.layer import MemoryLayer, SlidingLayer
 from agentmem.memory.representatives import representatives
@@ -50,19 +50,21 @@ def test_tokens_land_in_sinks_units_and_local_in_order(step):
     assert layer.units.span(0) == (5, 13)
 
 
-def test_attended_keys_never_exceed_the_window(monkeypatch):
+@pytest.mark.parametrize("position", ["infllm", "contiguous", "selfextend"])
+def test_attended_keys_never_exceed_the_window(monkeypatch, position):
     attended = []
-    real = policy.attention
+    real = memory_layer.attend
 
-    def spy(q, k, v, **kwargs):
-        attended.append(k.shape[2])
-        return real(q, k, v, **kwargs)
+    def spy(q, window, **kwargs):
+        attended.append(window.k.shape[2])
+        return real(q, window, **kwargs)
 
-    monkeypatch.setattr(policy, "attention", spy)
-    layer = MemoryLayer(CONFIG, PlainRope(D))
+    monkeypatch.setattr(memory_layer, "attend", spy)
+    config = CONFIG.model_copy(update={"position": position})
+    layer = MemoryLayer(config, PlainRope(D))
     _stream(layer, 600, 16)
     _stream(layer, 50, 1, seed=1)
-    assert max(attended) == CONFIG.window == 5 + 2 * 8 + 40
+    assert max(attended) == config.window == 5 + 2 * 8 + 40
     assert layer.units.n_units == (650 - 5 - layer.n_local) // 8
 
 
