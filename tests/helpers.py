@@ -117,7 +117,8 @@ class PlainRope:
             torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
         )
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype, limit: int | None = None):
+        assert limit is None or int(positions.max()) < limit
         angles = positions.to(torch.float64)[..., None] * self.inv_freq
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)

@@ -27,20 +27,35 @@ class IdentityRotary(nn.Module):
 
 
 class ModelRope:
-    """cos/sin of the model's own rotary module for one layer type, at any positions."""
+    """cos/sin of the model's own rotary module for one layer type, looked up in a table that
+    grows on demand (positions are re-assigned every step, so rows are reused across steps)."""
 
     def __init__(self, module: nn.Module, layer_type: str | None, max_positions: int) -> None:
         self.module = module
         self.max_positions = max_positions
         takes_layer_type = "layer_type" in inspect.signature(module.forward).parameters
         self._kwargs = {"layer_type": layer_type} if takes_layer_type and layer_type else {}
+        self._tables: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def cos_sin(
-        self, positions: torch.Tensor, dtype: torch.dtype
+        self, positions: torch.Tensor, dtype: torch.dtype, limit: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape `positions.shape + (D,)` in `dtype`, as the model computes them."""
-        like = torch.empty(0, dtype=dtype, device=positions.device)
-        flat = positions.reshape(1, -1)
-        cos, sin = self.module(like, flat, **self._kwargs)  # [1, N, D]
-        shape = (*positions.shape, cos.shape[-1])
-        return cos.reshape(shape), sin.reshape(shape)
+        """cos, sin of shape `positions.shape + (D,)` in `dtype`, as the model computes them.
+
+        `limit` bounds the positions from above (a number the caller knows, so no device sync).
+        """
+        cos, sin = self._table(limit, dtype, positions.device)
+        return cos[positions], sin[positions]
+
+    def _table(
+        self, limit: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (dtype, device)
+        table = self._tables.get(key)
+        if table is None or table[0].shape[0] < limit:
+            size = max(limit, 1024, 2 * (0 if table is None else table[0].shape[0]))
+            like = torch.empty(0, dtype=dtype, device=device)
+            positions = torch.arange(size, device=device)[None]
+            cos, sin = self.module(like, positions, **self._kwargs)  # [1, size, D]
+            table = self._tables[key] = (cos[0], sin[0])
+        return table

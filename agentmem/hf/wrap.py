@@ -34,6 +34,7 @@ class _Wrapped:
     windows: list[int | None]
     layer_types: list[str | None]
     max_positions: int
+    ropes: dict[str | None, ModelRope]  # one per layer type, shared by every cache
 
 
 def layer_windows(model_config) -> list[int | None]:
@@ -88,9 +89,10 @@ def wrap(model: nn.Module, config: MemoryConfig | None = None) -> nn.Module:
     decoder.rotary_emb = IdentityRotary(rotary)
     model.set_attn_implementation(NAME)
     hook = decoder.register_forward_pre_hook(_route_cache(model), with_kwargs=True)
-    types = getattr(model_config, "layer_types", None) or [None] * len(windows)
+    types = list(getattr(model_config, "layer_types", None) or [None] * len(windows))
+    ropes = {kind: ModelRope(rotary, kind, max_positions) for kind in set(types)}
     model._agentmem = _Wrapped(
-        config, rotary, attn_implementation, hook, windows, list(types), max_positions
+        config, rotary, attn_implementation, hook, windows, types, max_positions, ropes
     )
     return model
 
@@ -117,7 +119,7 @@ def new_cache(model: nn.Module, config: MemoryConfig | None = None) -> AgentMemC
     _check_fits(config, wrapped.max_positions)
     states = []
     for window, layer_type in zip(wrapped.windows, wrapped.layer_types, strict=True):
-        rotary = ModelRope(wrapped.rotary, layer_type, wrapped.max_positions)
+        rotary = wrapped.ropes[layer_type]
         states.append(
             MemoryLayer(config, rotary) if window is None else SlidingLayer(window, rotary)
         )

@@ -201,8 +201,10 @@ class MemoryLayer:
             ids = torch.arange(n_units, device=q.device)
             return ids.expand(*self.local_k.shape[:2], -1)
         # Score as if each unit sat just beyond the local window, where it will be attended.
-        distance = torch.tensor(min(cfg.n_local, self.rotary.max_positions - 1), device=q.device)
-        cos, sin = self.rotary.cos_sin(distance, q.dtype)
+        distance = min(cfg.n_local, self.rotary.max_positions - 1)
+        cos, sin = self.rotary.cos_sin(
+            torch.tensor(distance, device=q.device), q.dtype, distance + 1
+        )
         return score_units(
             rope(q, cos, sin),
             self.units.reps.data,
@@ -255,36 +257,31 @@ class SlidingLayer:
             self.v = torch.cat((self.v[:, :, -keep:], v_new), dim=2)
         self.seen += q.shape[2]
         n_keys, n_queries = self.k.shape[2], q.shape[2]
-        window = Window(
-            k=self.k,
-            v=self.v,
-            k_abs=torch.arange(self.seen - n_keys, self.seen, device=q.device),
-            n_memory=0,
-            q_abs=torch.arange(self.seen - n_queries, self.seen, device=q.device),
-        )
-        out = _sliding_attention(q, window, self.rotary, scale, self.window)
-        return out.to(q.dtype)
+        # Keys renumbered from 0: RoPE only sees distances.
+        positions = torch.arange(n_keys, device=q.device)
+        cos, sin = self.rotary.cos_sin(positions, q.dtype, n_keys)
+        keys = rope(self.k, cos, sin)
+        queries = rope(q, cos[n_keys - n_queries :], sin[n_keys - n_queries :])
+        # Query blocks see overlapping key ranges; blocking skips most of what the window masks.
+        block = max(self.window // 4, 64)
+        outs = []
+        for first in range(0, n_queries, block):
+            last = min(first + block, n_queries)
+            q_first = n_keys - n_queries + first  # key index of the block's first query
+            k_first = max(q_first - self.window + 1, 0)
+            k_stop = n_keys - n_queries + last
+            out, _, _ = attention(
+                queries[:, :, first:last],
+                keys[:, :, k_first:k_stop],
+                self.v[:, :, k_first:k_stop],
+                scale=scale,
+                q_abs=positions[q_first:k_stop],
+                k_abs=positions[k_first:k_stop],
+                max_dist=self.window,
+                return_lse=False,
+            )
+            outs.append(out)
+        return torch.cat(outs, dim=2).to(q.dtype)
 
     def nbytes(self) -> int:
         return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
-
-
-def _sliding_attention(
-    q: torch.Tensor, window: Window, rotary: Rope, scale: float, width: int
-) -> torch.Tensor:
-    """Causal attention within `width`, keys renumbered from 0 (RoPE only sees distances)."""
-    n_keys, n_queries = window.k.shape[2], q.shape[2]
-    k_pos = torch.arange(n_keys, device=q.device)
-    cos_k, sin_k = rotary.cos_sin(k_pos, window.k.dtype)
-    cos_q, sin_q = rotary.cos_sin(k_pos[n_keys - n_queries :], q.dtype)
-    out, _, _ = attention(
-        rope(q, cos_q, sin_q),
-        rope(window.k, cos_k, sin_k),
-        window.v,
-        scale=scale,
-        q_abs=window.q_abs,
-        k_abs=window.k_abs,
-        max_dist=width,
-        return_lse=False,
-    )
-    return out

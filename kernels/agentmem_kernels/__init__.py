@@ -6,12 +6,24 @@ and is what faster kernels are tested against.
 
 from agentmem_kernels import reference
 from agentmem_kernels.reference import (
+    KeySegment,
     attention,
     gather_units,
     merge,
     rope,
     score_units,
+    segment_attention,
     unit_logits,
 )
 
-__all__ = ["attention", "gather_units", "merge", "reference", "rope", "score_units", "unit_logits"]
+__all__ = [
+    "KeySegment",
+    "attention",
+    "gather_units",
+    "merge",
+    "reference",
+    "rope",
+    "score_units",
+    "segment_attention",
+    "unit_logits",
+]

@@ -6,6 +6,8 @@ divide query heads `Hq` (GQA). Everything is computed in fp32 and returned in fp
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -17,6 +19,74 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+@dataclass
+class KeySegment:
+    """Keys attended under one position map: the queries and keys rotated for it, and which keys
+    each query may see (key j is visible to query t iff min_dist <= q_abs[t] - k_abs[j] < max_dist).
+
+    q: [B, Hq, T, D]; k, v: [B, Hkv, K, D]; k_abs: [K] or [B, Hkv, K] stream indices.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    k_abs: torch.Tensor
+    min_dist: int = 0
+    max_dist: int | None = None
+
+
+def segment_attention(
+    segments: list[KeySegment],
+    *,
+    q_abs: torch.Tensor,
+    scale: float,
+    return_lse: bool = False,
+    return_probs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Attention of the same queries over several key segments under one softmax.
+
+    Equal to attending each segment separately and merging by log-sum-exp (`merge`). A query that
+    sees no key gets output 0 and lse -inf. With one segment and neither lse nor probs asked for,
+    torch's fused `scaled_dot_product_attention` computes it (every query must then see a key).
+
+    Args:
+        q_abs: [T] stream index of each query.
+    Returns:
+        out [B, Hq, T, D] fp32; lse [B, Hq, T] (log of the softmax normaliser of the scaled logits)
+        or None; probs [B, Hq, T, sum of K] (segments in order) or None.
+    """
+    batch, n_q_heads, n_queries, head_dim = segments[0].q.shape
+    n_kv_heads = segments[0].k.shape[1]
+    group = n_q_heads // n_kv_heads
+    masks = [_visible(q_abs, seg.k_abs, seg.min_dist, seg.max_dist) for seg in segments]
+
+    if len(segments) == 1 and not return_lse and not return_probs:
+        seg, visible = segments[0], masks[0]
+        if visible.dim() == 5:
+            visible = visible.expand(-1, -1, group, -1, -1).flatten(1, 2)  # [B, Hq, T, K]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            seg.q.float(), seg.k.float(), seg.v.float(), attn_mask=visible, scale=scale,
+            enable_gqa=True,
+        )  # fmt: skip
+        return out, None, None
+
+    logits = []
+    for seg, visible in zip(segments, masks, strict=True):
+        qg = seg.q.float().view(batch, n_kv_heads, group, n_queries, head_dim)
+        part = torch.einsum("bhgtd,bhkd->bhgtk", qg, seg.k.float()) * scale  # [B, Hkv, G, T, K]
+        logits.append(part.masked_fill_(~visible, float("-inf")))
+    logits = torch.cat(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1) if return_lse else None  # [B, Hkv, G, T]
+    probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # rows that see nothing: 0
+    values = torch.cat([seg.v.float() for seg in segments], dim=2)
+    out = torch.einsum("bhgtk,bhkd->bhgtd", probs, values).reshape(batch, n_q_heads, n_queries, -1)
+    if lse is not None:
+        lse = lse.reshape(batch, n_q_heads, n_queries)
+    if return_probs:
+        return out, lse, probs.reshape(batch, n_q_heads, n_queries, -1)
+    return out, lse, None
 
 
 def attention(
@@ -32,53 +102,22 @@ def attention(
     return_lse: bool = True,
     return_probs: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Softmax attention of rotated queries over rotated keys, masked by distance in the stream.
+    """`segment_attention` over a single segment (see `KeySegment` for the arguments)."""
+    segment = KeySegment(q, k, v, k_abs, min_dist, max_dist)
+    return segment_attention(
+        [segment], q_abs=q_abs, scale=scale, return_lse=return_lse, return_probs=return_probs
+    )
 
-    Key j is visible to query t iff `min_dist <= q_abs[t] - k_abs[j] < max_dist`: `min_dist=0` is
-    causal, `max_dist` a sliding window. A query that sees no key gets output 0 and lse -inf, so
-    that `merge` gives it no weight. With neither lse nor probs asked for, torch's fused
-    `scaled_dot_product_attention` computes the same output (every query must see a key).
 
-    Args:
-        q: [B, Hq, T, D] queries, already rotated.
-        k, v: [B, Hkv, K, D] keys (already rotated) and values.
-        q_abs: [T] index of each query in the stream.
-        k_abs: [K] or [B, Hkv, K] index of each key in the stream.
-    Returns:
-        out [B, Hq, T, D], lse [B, Hq, T] (natural log of the softmax normaliser of the scaled
-        logits) or None, probs [B, Hq, T, K] or None.
-    """
-    batch, n_q_heads, n_queries, head_dim = q.shape
-    n_kv_heads = k.shape[1]
-    group = n_q_heads // n_kv_heads
-    dist = q_abs.view(-1, 1) - k_abs.unsqueeze(-2)  # [T, K] or [B, Hkv, T, K]
+def _visible(
+    q_abs: torch.Tensor, k_abs: torch.Tensor, min_dist: int, max_dist: int | None
+) -> torch.Tensor:
+    """[T, K], or [B, Hkv, 1, T, K] for per-head keys: which keys each query sees."""
+    dist = q_abs.view(-1, 1) - k_abs.unsqueeze(-2)
     visible = dist >= min_dist
     if max_dist is not None:
         visible &= dist < max_dist
-    if visible.dim() == 4:
-        visible = visible.unsqueeze(2)  # [B, Hkv, 1, T, K]
-
-    if not return_lse and not return_probs:
-        if visible.dim() == 5:
-            visible = visible.expand(-1, -1, group, -1, -1).flatten(1, 2)  # [B, Hq, T, K]
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q.float(), k.float(), v.float(), attn_mask=visible, scale=scale, enable_gqa=True
-        )
-        return out, None, None
-
-    qg = q.float().view(batch, n_kv_heads, group, n_queries, head_dim)
-    logits = torch.einsum("bhgtd,bhkd->bhgtk", qg, k.float()) * scale  # [B, Hkv, G, T, K]
-    logits = logits.masked_fill(~visible, float("-inf"))
-
-    lse = torch.logsumexp(logits, dim=-1)  # [B, Hkv, G, T]
-    safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    probs = torch.exp(logits - safe_lse.unsqueeze(-1))
-    out = torch.einsum("bhgtk,bhkd->bhgtd", probs, v.float())
-    out = out.reshape(batch, n_q_heads, n_queries, -1)
-    lse = lse.reshape(batch, n_q_heads, n_queries)
-    if not return_probs:
-        return out, lse, None
-    return out, lse, probs.reshape(batch, n_q_heads, n_queries, -1)
+    return visible.unsqueeze(2) if visible.dim() == 4 else visible
 
 
 def merge(

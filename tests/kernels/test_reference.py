@@ -6,7 +6,16 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from agentmem_kernels import attention, gather_units, merge, rope, score_units, unit_logits
+from agentmem_kernels import (
+    KeySegment,
+    attention,
+    gather_units,
+    merge,
+    rope,
+    score_units,
+    segment_attention,
+    unit_logits,
+)
 
 
 def _random(*shape: int) -> torch.Tensor:
@@ -163,3 +172,32 @@ def test_gather_units_picks_the_right_tokens():
         for h in range(3):
             want = torch.cat([pool[b, h, 3 * i : 3 * i + 3] for i in ids[b, h].tolist()])
             assert torch.equal(got[b, h], want)
+
+
+def test_segments_under_one_softmax_equal_merged_attentions():
+    torch.manual_seed(7)
+    q_abs = torch.arange(30, 36)
+    parts = []
+    for n_keys, first, min_dist, max_dist in [(9, 0, 0, None), (12, 24, 0, 4), (7, 10, 3, None)]:
+        parts.append(
+            KeySegment(
+                q=_random(2, 4, 6, 8), k=_random(2, 2, n_keys, 8), v=_random(2, 2, n_keys, 8),
+                k_abs=torch.arange(first, first + n_keys), min_dist=min_dist, max_dist=max_dist,
+            )
+        )  # fmt: skip
+    out, lse, probs = segment_attention(
+        parts, q_abs=q_abs, scale=0.4, return_lse=True, return_probs=True
+    )
+    singles = [
+        attention(
+            p.q, p.k, p.v, scale=0.4, q_abs=q_abs, k_abs=p.k_abs, min_dist=p.min_dist,
+            max_dist=p.max_dist,
+        )
+        for p in parts
+    ]  # fmt: skip
+    want, want_lse = singles[0][0], singles[0][1]
+    for single in singles[1:]:
+        want, want_lse = merge(want, want_lse, single[0], single[1])
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+    assert probs.shape == (2, 4, 6, 9 + 12 + 7)

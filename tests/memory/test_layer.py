@@ -112,7 +112,7 @@ def test_retrieval_brings_back_the_unit_the_query_matches():
     _stream(layer, 300, 16, keys=keys)
     assert layer.units.span(target) == (first, end)
     # A query along that direction, rotated back by the scoring distance it will be given.
-    cos, sin = layer.rotary.cos_sin(torch.tensor(CONFIG.n_local), torch.float32)
+    cos, sin = layer.rotary.cos_sin(torch.tensor(CONFIG.n_local), torch.float32, CONFIG.n_local + 1)
     query = rope((10 * direction).expand(1, 4, 1, D), cos, -sin)
     layer.store(torch.randn(1, 2, 1, D), torch.randn(1, 2, 1, D))
     layer.attend(query, scale=1.0)
