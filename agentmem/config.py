@@ -10,10 +10,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Position = Literal["contiguous", "infllm", "selfextend", "streaming", "full"]
+Position = Literal["infllm", "stacked", "contiguous", "selfextend", "streaming", "full"]
 Representative = Literal["attention", "mean", "minmax"]
 
-RETRIEVING_POSITIONS = ("contiguous", "infllm", "selfextend")
+RETRIEVING_POSITIONS = ("infllm", "stacked", "contiguous", "selfextend")
 
 
 class MemoryConfig(BaseModel):

@@ -67,34 +67,53 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--lengths", default="131072,262144,524288,1048576")
     parser.add_argument("--full-lengths", default="16384")
-    parser.add_argument("--depths", type=int, default=5)
+    parser.add_argument(
+        "--full-keys-of", default="", help="also run full attention with the keys of these lengths"
+    )
+    parser.add_argument("--depths", default="5", help="a count (evenly spread) or a list 0.1,0.5")
+    parser.add_argument("--dtype", default="float32", help="Gemma-3 decodes digits badly in bf16")
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--preset", default="4k")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--prompts", default=":", help="run a slice of each length's prompts, e.g. 0:5"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--tag", default="gpu")
     args = parser.parse_args(argv)
 
     memory = agentmem.MemoryConfig.preset(args.preset)
-    lm = load(args.model, memory)
+    lm = load(args.model, memory, dtype=getattr(torch, args.dtype))
+    levels = (
+        depths(int(args.depths))
+        if "." not in args.depths
+        else [float(d) for d in args.depths.split(",")]
+    )
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"{device_name}: {memory!r}", file=sys.stderr)
+    print(f"{device_name}, {args.dtype}: {memory!r}", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     warm_up(lm, memory)
-    plan = [(int(n), "agentmem") for n in args.lengths.split(",") if n]
-    plan += [(int(n), "full") for n in args.full_lengths.split(",") if n]
+    # (prompt length, method, the length whose keys it uses: the same depths and keys compare)
+    plan = [(int(n), "agentmem", int(n)) for n in args.lengths.split(",") if n]
+    for n in [n for n in args.full_lengths.split(",") if n]:
+        for keys_of in [n] + [m for m in args.full_keys_of.split(",") if m]:
+            plan.append((int(n), "full", int(keys_of)))
     rows = []
-    for length, method in sorted(plan):
-        keys = draw_keys(args.depths * args.trials, seed=args.seed + length)
-        for i, depth in enumerate(depths(args.depths)):
+    for length, method, keys_of in sorted(plan):
+        keys = draw_keys(len(levels) * args.trials, seed=args.seed + keys_of)
+        first, _, stop = args.prompts.partition(":")
+        chosen = range(len(levels) * args.trials)[int(first or 0) : int(stop) if stop else None]
+        for i, depth in enumerate(levels):
             for trial in range(args.trials):
+                if i * args.trials + trial not in chosen:
+                    continue
                 prompt = build_prompt(lm.tokenizer, length, depth, keys[i * args.trials + trial])
                 start = time.perf_counter()
                 row = run_prompt(lm, method, prompt, memory)
-                rows.append(asdict(row))
+                rows.append({**asdict(row), "keys_of": keys_of})
                 print(
-                    f"{method} {length} {depth:.2f} {row.key} {row.answer.strip()[:12]!r} "
-                    f"{row.correct} recalled={row.needle_layers} "
+                    f"{method} {length} keys of {keys_of} {depth:.2f} {row.key} "
+                    f"{row.answer.strip()[:12]!r} {row.correct} recalled={row.needle_layers} "
                     f"prefill {row.prefill_s:.1f}s ({row.tokens / row.prefill_s:.0f} tok/s) "
                     f"peak {row.peak_bytes / 2**30:.1f} GiB, {time.perf_counter() - start:.0f}s",
                     file=sys.stderr,
@@ -102,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 (args.out / f"passkey_scale_{args.tag}.json").write_text(json.dumps(rows, indent=1))
     table = format_table(summarize([_row(r) for r in rows]))
-    (args.out / f"passkey_scale_{args.tag}.txt").write_text(f"{device_name}\n{memory!r}\n{table}\n")
+    (args.out / f"passkey_scale_{args.tag}.txt").write_text(
+        f"{device_name}, {args.dtype}\n{memory!r}\n{table}\n"
+    )
     heatmap(
         rows, args.out / f"passkey_scale_{args.tag}.png", f"passkey, Gemma-3-270M, {device_name}"
     )
@@ -113,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 def _row(data: dict):
     from agentmem.passkey import Row
 
-    return Row(**data)
+    return Row(**{k: v for k, v in data.items() if k != "keys_of"})
 
 
 if __name__ == "__main__":

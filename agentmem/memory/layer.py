@@ -191,6 +191,7 @@ class MemoryLayer:
             k_abs=torch.cat(parts_abs, dim=-1),
             n_memory=n_memory,
             q_abs=torch.arange(self.seen - n_queries, self.seen, device=device),
+            unit_start=self.units.start,
         )
 
     def _retrieve(self, q: torch.Tensor, scale: float) -> torch.Tensor:

@@ -38,6 +38,7 @@ class Window:
     k_abs: torch.Tensor  # [K] or [B, Hkv, K]
     n_memory: int  # keys before the local part
     q_abs: torch.Tensor  # [T]
+    unit_start: int = 0  # stream index of the first unit's first token (after the sinks)
 
 
 @dataclass
@@ -63,8 +64,8 @@ def placements(window: Window, config: MemoryConfig, max_positions: int) -> list
         # [sinks | units in stream order | local] renumbered 0..K-1 (ReAttention).
         k_pos = torch.arange(n_keys, device=device)
         return [Placement(0, n_keys, k_pos, k_pos[n_keys - n_queries :], n_keys)]
-    if config.position == "infllm":
-        # Local keys at their true distances; all memory at one distance, n_local (InfLLM).
+    if config.position in ("infllm", "stacked"):
+        # Local keys at their true distances; memory just beyond the local window.
         n_local = n_keys - window.n_memory
         local_pos = torch.arange(n_local, device=device)
         local = Placement(
@@ -72,12 +73,26 @@ def placements(window: Window, config: MemoryConfig, max_positions: int) -> list
         )
         if not window.n_memory:
             return [local]
-        zeros = torch.zeros(window.n_memory, dtype=torch.long, device=device)
-        q_pos = torch.full((n_queries,), config.n_local, dtype=torch.long, device=device)
-        return [Placement(0, window.n_memory, zeros, q_pos, config.n_local + 1), local]
+        return [_memory_placement(window, config, n_queries), local]
     if config.position == "selfextend":
         return _selfextend(window, config, max_positions)
     raise ValueError(f"unknown position policy '{config.position}'")
+
+
+def _memory_placement(window: Window, config: MemoryConfig, n_queries: int) -> Placement:
+    """infllm: every memory key at one distance, n_local (InfLLM). stacked: every unit (and the
+    sinks) at the same place just beyond the local window, each keeping its own order."""
+    device = window.q_abs.device
+    memory_abs = window.k_abs[..., : window.n_memory]
+    if config.position == "infllm":
+        span = 1
+        k_pos = torch.zeros_like(memory_abs)
+    else:
+        span = max(config.unit_size, config.n_init)
+        offset = (memory_abs - window.unit_start) % config.unit_size
+        k_pos = torch.where(memory_abs < window.unit_start, memory_abs, offset)
+    q_pos = torch.full((n_queries,), config.n_local + span - 1, dtype=torch.long, device=device)
+    return Placement(0, window.n_memory, k_pos, q_pos, config.n_local + span)
 
 
 def _selfextend(window: Window, config: MemoryConfig, max_positions: int) -> list[Placement]:

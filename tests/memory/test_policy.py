@@ -127,3 +127,26 @@ def test_local_mass_is_the_attention_local_keys_receive(position):
     assert float(mass.sum()) <= n_queries * n_q_heads + 1e-6
     future = window.k_abs[window.n_memory :] > window.q_abs[-1]
     assert torch.all(mass[..., future] == 0)
+
+
+def test_stacked_keeps_order_inside_each_unit():
+    # 3 sinks, units of 4 from stream index 3: retrieved tokens 11..18 are two whole units.
+    window, rotary = _window(n_retrieved=8), PlainRope(D)
+    window.k_abs[3:11] = torch.arange(11, 19)
+    window.unit_start = 3
+    config = MemoryConfig(
+        position="stacked", n_local=20, unit_size=4, n_init=3, repr_topk=2, exec_chunk=8
+    )
+    q, out = _run(config, window, rotary)
+    n_local = window.k.shape[2] - window.n_memory
+    q_memory = 20 + 4 - 1  # the query sits n_local + span - 1 after the stacked block
+
+    def rel(t, j, kv):
+        if j < window.n_memory:
+            k_abs = _abs(window, j, kv)
+            return q_memory - (k_abs if k_abs < 3 else (k_abs - 3) % 4)
+        i = j - window.n_memory
+        q_local = n_local - q.shape[2] + t
+        return q_local - i if i <= q_local else None
+
+    torch.testing.assert_close(out.double(), _oracle(q, window, rel, rotary), atol=1e-5, rtol=1e-5)
