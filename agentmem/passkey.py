@@ -88,8 +88,6 @@ def parse_answer(text: str) -> str:
     return match.group(0) if match else ""
 
 
-# -- methods compared side by side -----------------------------------------------------------
-
 METHODS = ("agentmem", "streaming", "truncate", "full")
 
 

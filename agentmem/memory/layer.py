@@ -60,8 +60,6 @@ class MemoryLayer:
         self.last_ids: torch.Tensor | None = None  # [B, Hkv, k] units retrieved by the last step
         self.pending = _PendingKV()
 
-    # -- storage ---------------------------------------------------------------------------
-
     @property
     def n_sinks(self) -> int:
         return 0 if self.sink_k is None else self.sink_k.shape[2]
@@ -119,15 +117,12 @@ class MemoryLayer:
         k, v, mass = self._pop_local(n_tokens)
         if not cfg.retrieves:
             self.dropped += n_tokens
-            self.units.start += n_tokens
             return
         unit_shape = (*k.shape[:2], n_units, cfg.unit_size)
         reps = representatives(
             k.view(*unit_shape, -1), mass.view(unit_shape), kind=cfg.repr, r=cfg.repr_topk
         )
         self.units.add(k, v, reps)
-
-    # -- one step ----------------------------------------------------------------------------
 
     def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Hand over a step's new pre-RoPE keys/values [B, Hkv, T, D] (from the cache's update)."""
@@ -213,8 +208,6 @@ class MemoryLayer:
             scale=scale,
             k=cfg.topk,
         )
-
-    # -- introspection -----------------------------------------------------------------------
 
     def attended_spans(self) -> list[tuple[int, int]]:
         """Stream spans [start, end) the last step attended in this layer (batch 0, any head)."""
