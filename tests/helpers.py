@@ -59,11 +59,11 @@ def tiny_qwen3() -> Qwen3ForCausalLM:
     return Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=16))
 
 
-def tiny_gemma3() -> Gemma3ForCausalLM:
+def tiny_gemma3(head_dim: int = 16) -> Gemma3ForCausalLM:
     """Gemma 3 layout: sliding-window layers around a global one, one KV head, two thetas."""
     config = Gemma3TextConfig(
         **{**COMMON, "num_hidden_layers": 4, "num_key_value_heads": 1},
-        head_dim=16,
+        head_dim=head_dim,
         sliding_window=24,
         layer_types=[
             "sliding_attention",
@@ -84,9 +84,9 @@ FAMILIES = {
 }
 
 
-def build(family: str) -> torch.nn.Module:
+def build(family: str, **sizes: int) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = FAMILIES[family]().eval()
+    model = FAMILIES[family](**sizes).eval()
     # Random init is tiny; larger weights make attention sharp enough that errors would show.
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -122,3 +122,6 @@ class PlainRope:
         angles = positions.to(torch.float64)[..., None] * self.inv_freq
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def table(self, limit: int, dtype: torch.dtype, device: torch.device):
+        return self.cos_sin(torch.arange(limit, device=device), dtype)

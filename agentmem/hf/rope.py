@@ -44,12 +44,13 @@ class ModelRope:
 
         `limit` bounds the positions from above (a number the caller knows, so no device sync).
         """
-        cos, sin = self._table(limit, dtype, positions.device)
+        cos, sin = self.table(limit, dtype, positions.device)
         return cos[positions], sin[positions]
 
-    def _table(
+    def table(
         self, limit: int, dtype: torch.dtype, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [N, D] for positions 0..N-1, N >= limit (grown by doubling, cached)."""
         key = (dtype, device)
         table = self._tables.get(key)
         if table is None or table[0].shape[0] < limit:

@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 
 from agentmem.config import MemoryConfig
-from agentmem_kernels import KeySegment, rope, segment_attention
+from agentmem_kernels import placed_attention
 
 
 class Rope(Protocol):
@@ -26,6 +26,12 @@ class Rope(Protocol):
         self, positions: torch.Tensor, dtype: torch.dtype, limit: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape `positions.shape + (D,)`; every position is below `limit`."""
+        ...
+
+    def table(
+        self, limit: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [N, D] for positions 0..N-1, N >= limit."""
         ...
 
 
@@ -136,39 +142,46 @@ def attend(
         summed over queries and heads: [B, Hkv, K - n_memory] fp32.
     """
     parts = placements(window, config, rotary.max_positions)
-    key_segments = []
+    batch, n_kv_heads = window.k.shape[:2]
+    # Placements in key order over the window, or (selfextend) over copies of it.
+    consecutive = all(a.stop == b.start for a, b in zip(parts, parts[1:], strict=False))
+    if consecutive and parts[0].start == 0 and parts[-1].stop == window.k.shape[2]:
+        k, v, k_abs = window.k, window.v, window.k_abs
+    else:
+        k = torch.cat([window.k[:, :, p.start : p.stop] for p in parts], dim=2)
+        v = torch.cat([window.v[:, :, p.start : p.stop] for p in parts], dim=2)
+        k_abs = torch.cat([window.k_abs[..., p.start : p.stop] for p in parts], dim=-1)
+    offsets, kernel_parts = [], []
     for part in parts:
-        cos_q, sin_q = rotary.cos_sin(part.q_pos, q.dtype, part.limit)
-        cos_k, sin_k = rotary.cos_sin(part.k_pos, window.k.dtype, part.limit)
-        keys = slice(part.start, part.stop)
-        key_segments.append(
-            KeySegment(
-                q=rope(q, cos_q, sin_q),
-                k=rope(window.k[:, :, keys], cos_k, sin_k),
-                v=window.v[:, :, keys],
-                k_abs=window.k_abs[..., keys],
-                min_dist=part.min_dist,
-                max_dist=part.max_dist,
-            )
-        )
-    out, _, probs = segment_attention(
-        key_segments, q_abs=window.q_abs, scale=scale, return_probs=want_mass
-    )
+        first = sum(p.stop - p.start for p in parts[: len(offsets)])
+        offsets.append(first)
+        kernel_parts.append((first, first + part.stop - part.start, part.min_dist, part.max_dist))
+    k_pos = torch.cat([p.k_pos.expand(batch, n_kv_heads, -1) for p in parts], dim=-1)
+    cos, sin = rotary.table(max(p.limit for p in parts), q.dtype, q.device)
+    out, _, mass = placed_attention(
+        q, k, v,
+        q_pos=torch.stack([p.q_pos for p in parts]),
+        k_pos=k_pos,
+        q_abs=window.q_abs,
+        k_abs=k_abs.expand(batch, n_kv_heads, -1),
+        parts=kernel_parts, cos=cos, sin=sin, scale=scale,
+        mass_from=window.n_memory if want_mass else None,
+    )  # fmt: skip
     if not want_mass:
         return out, None
-    return out, _local_mass(parts, probs, window)
+    return out, _local_mass(parts, offsets, mass, window)
 
 
-def _local_mass(parts: list[Placement], probs: torch.Tensor, window: Window) -> torch.Tensor:
-    """Attention mass each local key received, summed over queries and heads: [B, Hkv, L]."""
-    batch, n_kv_heads = window.k.shape[:2]
-    per_key = probs.view(batch, n_kv_heads, -1, probs.shape[-1]).sum(dim=2)  # [B, Hkv, sum K]
-    mass = torch.zeros(batch, n_kv_heads, window.k.shape[2] - window.n_memory, device=probs.device)
-    column = 0
-    for part in parts:
+def _local_mass(
+    parts: list[Placement], offsets: list[int], mass: torch.Tensor, window: Window
+) -> torch.Tensor:
+    """Mass of each local key, [B, Hkv, L], from the mass of the placed keys from n_memory on."""
+    local = torch.zeros(*mass.shape[:2], window.k.shape[2] - window.n_memory, device=mass.device)
+    for part, offset in zip(parts, offsets, strict=True):
         first = max(part.start, window.n_memory)
         if first < part.stop:
-            offset = column + first - part.start
-            mass += per_key[..., offset : offset + part.stop - first].nan_to_num(0.0)
-        column += part.stop - part.start
-    return mass
+            column = offset + first - part.start - window.n_memory
+            local[..., first - window.n_memory : part.stop - window.n_memory] += mass[
+                ..., column : column + part.stop - first
+            ]
+    return local

@@ -187,3 +187,99 @@ def gather_units(pool: torch.Tensor, ids: torch.Tensor, unit_size: int) -> torch
     token_ids = (ids.unsqueeze(-1) * unit_size + offsets).flatten(-2)  # [B, H, k * U]
     index = token_ids.unsqueeze(-1).expand(-1, -1, -1, pool.shape[-1])
     return torch.gather(pool, 2, index)
+
+
+def placed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    q_abs: torch.Tensor,
+    k_abs: torch.Tensor,
+    parts: list[tuple[int, int, int, int | None]],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    scale: float,
+    mass_from: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Attention over a window of pre-RoPE keys cut into placements, rotated to assigned positions.
+
+    Placement p covers keys `[start, stop)` of the window and sees key j from query t iff
+    `min_dist <= q_abs[t] - k_abs[j] < max_dist`; its queries sit at `q_pos[p]`. All placements
+    share one softmax.
+
+    Args:
+        q: [B, Hq, T, D] pre-RoPE queries; k, v: [B, Hkv, K, D] pre-RoPE keys and values.
+        q_pos: [P, T] query positions per placement; k_pos, k_abs: [B, Hkv, K]; q_abs: [T].
+        parts: P tuples (start, stop, min_dist, max_dist or None), in key order.
+        cos, sin: [N, D] tables of the model's rotary module, indexed by position.
+        mass_from: if given, also return the attention each key from this index on received,
+            summed over queries and the key head's query heads.
+    Returns:
+        out [B, Hq, T, D] fp32, lse [B, Hq, T] fp32, mass [B, Hkv, K - mass_from] fp32 or None.
+    """
+    segments = _rotated_segments(q, k, v, q_pos, k_pos, k_abs, parts, cos, sin)
+    out, lse, probs = segment_attention(
+        segments, q_abs=q_abs, scale=scale, return_lse=True, return_probs=mass_from is not None
+    )
+    if mass_from is None:
+        return out, lse, None
+    per_key = probs.view(*k.shape[:2], -1, *probs.shape[2:]).sum(dim=(2, 3))  # [B, Hkv, K]
+    return out, lse, per_key[..., mass_from:]
+
+
+def key_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    lse: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    q_abs: torch.Tensor,
+    k_abs: torch.Tensor,
+    parts: list[tuple[int, int, int, int | None]],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    scale: float,
+    mass_from: int,
+) -> torch.Tensor:
+    """The `mass` of `placed_attention` recomputed from its lse, for keys from `mass_from` on."""
+    batch, n_q_heads, n_queries, _ = q.shape
+    n_kv_heads = k.shape[1]
+    lse = lse.view(batch, n_kv_heads, n_q_heads // n_kv_heads, n_queries, 1)
+    mass = torch.zeros(batch, n_kv_heads, k.shape[2] - mass_from, device=q.device)
+    for p, (start, stop, min_dist, max_dist) in enumerate(parts):
+        first = max(start, mass_from)
+        if first >= stop:
+            continue
+        keys = slice(first, stop)
+        segment = _rotated_segments(
+            q, k[:, :, keys], k[:, :, keys], q_pos[p : p + 1], k_pos[:, :, keys],
+            k_abs[:, :, keys], [(0, stop - first, min_dist, max_dist)], cos, sin,
+        )[0]  # fmt: skip
+        qg = segment.q.view(batch, n_kv_heads, -1, n_queries, segment.q.shape[-1])
+        logits = torch.einsum("bhgtd,bhkd->bhgtk", qg, segment.k) * scale
+        visible = _visible(q_abs, segment.k_abs, min_dist, max_dist)
+        probs = torch.exp(logits.masked_fill(~visible, float("-inf")) - lse).nan_to_num(0.0)
+        mass[..., first - mass_from : stop - mass_from] += probs.sum(dim=(2, 3))
+    return mass
+
+
+def _rotated_segments(q, k, v, q_pos, k_pos, k_abs, parts, cos, sin) -> list[KeySegment]:
+    segments = []
+    for p, (start, stop, min_dist, max_dist) in enumerate(parts):
+        keys = slice(start, stop)
+        positions = k_pos[:, :, keys]
+        segments.append(
+            KeySegment(
+                q=rope(q.float(), cos[q_pos[p]].float(), sin[q_pos[p]].float()),
+                k=rope(k[:, :, keys].float(), cos[positions].float(), sin[positions].float()),
+                v=v[:, :, keys],
+                k_abs=k_abs[:, :, keys],
+                min_dist=min_dist,
+                max_dist=max_dist,
+            )
+        )
+    return segments

@@ -1,0 +1,66 @@
+"""Backend selection, and a wrapped model running its memory layers on the Triton kernel (in the
+interpreter on the CPU) giving the same logits as on the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import agentmem
+import agentmem_kernels
+from tests.helpers import VOCAB, build
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture
+def restore_backends():
+    yield
+    agentmem_kernels.use_backend(None, "cpu")
+    agentmem_kernels.use_backend(None, "cuda")
+
+
+def test_backend_is_chosen_once_and_can_be_forced(restore_backends, monkeypatch):
+    agentmem_kernels.use_backend(None, "cpu")
+    assert agentmem_kernels.backend(torch.device("cpu")) == "reference"
+    agentmem_kernels.use_backend("triton", "cpu")
+    assert agentmem_kernels.backend(torch.device("cpu")) == "triton"
+    agentmem_kernels.use_backend(None, "cpu")
+    monkeypatch.setenv("AGENTMEM_KERNELS", "fast")
+    with pytest.raises(ValueError, match="AGENTMEM_KERNELS"):
+        agentmem_kernels.backend(torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown backend"):
+        agentmem_kernels.use_backend("cuda-graphs")
+
+
+@pytest.mark.parametrize("position", ["infllm", "contiguous", "selfextend"])
+def test_triton_backend_matches_the_reference_in_a_model(restore_backends, position, monkeypatch):
+    from agentmem_kernels import triton_attention
+
+    launches = []
+    real = triton_attention.placed_attention
+
+    def counted(*args, **kwargs):
+        launches.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(triton_attention, "placed_attention", counted)
+    model = build("gemma3", head_dim=32)  # the kernel needs head_dim >= 32
+    torch.manual_seed(3)
+    ids = torch.randint(3, VOCAB, (1, 96))
+    config = agentmem.MemoryConfig(
+        n_init=4, unit_size=8, topk=2, n_local=32, exec_chunk=16, position=position,
+        selfextend_window=8, selfextend_group=2,
+    )  # fmt: skip
+    agentmem.wrap(model, config)
+    logits = {}
+    for name in ("reference", "triton"):
+        agentmem_kernels.use_backend(name, "cpu")
+        cache = agentmem.new_cache(model)
+        with torch.no_grad():
+            logits[name] = torch.cat(
+                [model(ids[:, i : i + 16], past_key_values=cache).logits for i in range(0, 96, 16)],
+                dim=1,
+            )
+    assert len(launches) == 6  # one global layer, six steps
+    torch.testing.assert_close(logits["triton"], logits["reference"], atol=1e-4, rtol=1e-4)
