@@ -11,6 +11,7 @@ import agentmem_kernels
 from tests.helpers import VOCAB, build
 
 pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs Triton's interpreter
 
 
 @pytest.fixture
@@ -45,9 +46,9 @@ def test_triton_backend_matches_the_reference_in_a_model(restore_backends, posit
         return real(*args, **kwargs)
 
     monkeypatch.setattr(triton_attention, "placed_attention", counted)
-    model = build("gemma3", head_dim=32)  # the kernel needs head_dim >= 32
+    model = build("gemma3", head_dim=32).to(DEVICE)  # the kernel needs head_dim >= 32
     torch.manual_seed(3)
-    ids = torch.randint(3, VOCAB, (1, 96))
+    ids = torch.randint(3, VOCAB, (1, 96), device=DEVICE)
     config = agentmem.MemoryConfig(
         n_init=4, unit_size=8, topk=2, n_local=32, exec_chunk=16, position=position,
         selfextend_window=8, selfextend_group=2,
@@ -55,7 +56,7 @@ def test_triton_backend_matches_the_reference_in_a_model(restore_backends, posit
     agentmem.wrap(model, config)
     logits = {}
     for name in ("reference", "triton"):
-        agentmem_kernels.use_backend(name, "cpu")
+        agentmem_kernels.use_backend(name, DEVICE)
         cache = agentmem.new_cache(model)
         with torch.no_grad():
             logits[name] = torch.cat(
