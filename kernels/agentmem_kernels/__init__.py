@@ -70,15 +70,24 @@ def use_backend(name: str | None, device_type: str = "cuda") -> None:
 
 def placed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs):
     """See `reference.placed_attention`; runs on the backend chosen for q's device."""
-    return _implementation(backend(q.device))(q, k, v, **kwargs)
+    return _implementation(backend(q.device), q)(q, k, v, **kwargs)
 
 
-def _implementation(name: str) -> Callable:
+_unsupported_logged: set[str] = set()
+
+
+def _implementation(name: str, q: torch.Tensor) -> Callable:
     if name == "reference":
         return reference.placed_attention
     from agentmem_kernels import triton_attention
 
-    return triton_attention.placed_attention
+    reason = triton_attention.supports(q)
+    if reason is None:
+        return triton_attention.placed_attention
+    if reason not in _unsupported_logged:  # a shape the kernel does not cover: said once
+        _unsupported_logged.add(reason)
+        logger.warning("agentmem_kernels: reference attention because %s", reason)
+    return reference.placed_attention
 
 
 def _has_triton() -> bool:

@@ -118,6 +118,14 @@ def placed_attention_fwd_kernel(
     tl.store(l_out + o_out, b_l, mask=m_r)
 
 
+def supports(q: torch.Tensor) -> str | None:
+    """Why the kernel cannot take these queries, or None if it can."""
+    head_dim = q.shape[-1]
+    if head_dim < 32 or head_dim & (head_dim - 1):
+        return f"head_dim {head_dim} is not a power of two >= 32"
+    return None
+
+
 def placed_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -140,8 +148,8 @@ def placed_attention(
     group = n_q_heads // n_kv_heads
     if n_q_heads % n_kv_heads or k.shape != v.shape or k.shape[0] != batch:
         raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} do not match")
-    if head_dim < 32 or head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim must be a power of two >= 32, got {head_dim}")
+    if (reason := supports(q)) is not None:
+        raise ValueError(f"the Triton kernel cannot run this: {reason}")
     if k_pos.shape != (batch, n_kv_heads, n_keys) or k_abs.shape != k_pos.shape:
         raise ValueError("k_pos and k_abs must be [B, Hkv, K]")
     if q_pos.shape != (len(parts), n_queries) or cos.shape[-1] != head_dim:

@@ -130,6 +130,7 @@ def test_bad_shapes_are_refused():
     q, k, v = _case(2, 8, head_dim=24)
     cos, sin = _table(16, 24)
     with pytest.raises(ValueError, match="power of two"):
+        assert triton_attention.supports(q) is not None
         triton_attention.placed_attention(
             q, k, v, q_pos=torch.zeros(1, 2, dtype=torch.long), k_pos=_positions(torch.arange(8)),
             q_abs=torch.arange(2), k_abs=_positions(torch.arange(8)), parts=[(0, 8, 0, None)],
