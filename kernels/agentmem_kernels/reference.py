@@ -78,8 +78,13 @@ def segment_attention(
         part = torch.einsum("bhgtd,bhkd->bhgtk", qg, seg.k.float()) * scale  # [B, Hkv, G, T, K]
         logits.append(part.masked_fill_(~visible, float("-inf")))
     logits = torch.cat(logits, dim=-1)
-    lse = torch.logsumexp(logits, dim=-1) if return_lse else None  # [B, Hkv, G, T]
-    probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # rows that see nothing: 0
+    if return_lse:
+        lse = torch.logsumexp(logits, dim=-1)  # [B, Hkv, G, T]
+        safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        probs = torch.exp(logits - safe.unsqueeze(-1))  # rows that see nothing: 0
+    else:
+        lse = None
+        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # rows that see nothing: 0
     values = torch.cat([seg.v.float() for seg in segments], dim=2)
     out = torch.einsum("bhgtk,bhkd->bhgtd", probs, values).reshape(batch, n_q_heads, n_queries, -1)
     if lse is not None:
