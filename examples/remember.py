@@ -1,22 +1,23 @@
-"""Stream a long text into a session in pieces, then ask about a detail from its beginning.
+"""Stream a long text into a session piece by piece, then ask about a detail from far back.
 
-Run: .venv/bin/python examples/remember.py   (CPU, about a minute after the first model load)
+Run: .venv/bin/python examples/remember.py   (CPU, about half a minute after the first model load)
 """
 
 import agentmem
 from agentmem.models import load
-
-FILLER = (
-    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-)
+from agentmem.passkey import FILLER, HEADER, NEEDLE, QUESTION
 
 lm = load("gemma-3-270m", memory=agentmem.MemoryConfig(n_local=960, topk=8))
 session = lm.session()
-session.append("Remember this: the pass key is 71432. ")
-for _ in range(40):  # about 5,000 tokens of filler, appended piece by piece
+session.append(HEADER)
+for step in range(40):  # about 5,000 tokens of filler, appended piece by piece
+    if step == 30:
+        session.append(NEEDLE.format(key="71432"))
     session.append(FILLER * 6)
-session.append("\n\nWhat is the pass key? The pass key is")
+session.append(QUESTION)
 
-print(f"{len(session)} tokens in memory; answer:", session.generate(max_new_tokens=6))
+print(f"{len(session)} tokens in memory, at most {lm.memory.window} attended per step")
+print("answer:", session.generate(max_new_tokens=6))
 for unit in session.recalled():
-    print(f"  recalled tokens {unit.start}-{unit.end} (layers {unit.layers}): {unit.text[:60]!r}")
+    mark = "  <- the pass key" if "71432" in unit.text else ""
+    print(f"  recalled tokens {unit.start}-{unit.end} (layers {unit.layers}){mark}")

@@ -13,8 +13,15 @@ import torch
 from agentmem.config import MemoryConfig
 from agentmem.memory.policy import Rope, Window, attend
 from agentmem.memory.representatives import representatives, score_kind
-from agentmem.memory.store import UnitStore
-from agentmem_kernels import attention, gather_units, rope, score_units
+from agentmem.memory.store import GrowingTensor, UnitStore
+from agentmem_kernels import (
+    attention,
+    gather_units,
+    local_key_mass,
+    memory_attention,
+    rope,
+    score_units,
+)
 
 
 class _PendingKV:
@@ -44,7 +51,16 @@ class _PendingKV:
 
 
 class MemoryLayer:
-    """Unbounded KV memory of one global-attention layer with a finite attention window."""
+    """Unbounded KV memory of one global-attention layer with a finite attention window.
+
+    Storage: sinks (the first `n_init` tokens), a pool of packed units, and the local window in a
+    buffer that packing empties from the front. With `infllm` and `stacked` positions a step reads
+    all three in place (`memory_attention`); the other policies assemble the window first.
+
+    `start_static` switches one-token steps to a form a CUDA graph can capture: the local length
+    and the number of units live in a device tensor and the host never reads them back; the caller
+    calls `before_static_step` and `after_static_step` around each replay (`agentmem.hf.graphs`).
+    """
 
     def __init__(self, config: MemoryConfig, rotary: Rope) -> None:
         self.config = config
@@ -53,12 +69,25 @@ class MemoryLayer:
         self.sink_k: torch.Tensor | None = None  # [B, Hkv, S, D]
         self.sink_v: torch.Tensor | None = None
         self.units = UnitStore(config.unit_size)
-        self.local_k: torch.Tensor | None = None  # [B, Hkv, L, D]
-        self.local_v: torch.Tensor | None = None
-        self.local_mass: torch.Tensor | None = None  # [B, Hkv, L] fp32
+        self.local = (GrowingTensor(), GrowingTensor(), GrowingTensor())  # keys, values, mass
         self.dropped = 0  # tokens discarded (streaming)
         self.last_ids: torch.Tensor | None = None  # [B, Hkv, k] units retrieved by the last step
         self.pending = _PendingKV()
+        self.counts: torch.Tensor | None = None  # static mode: [local length, units] int32
+
+    @property
+    def local_k(self) -> torch.Tensor | None:
+        """The local window's keys [B, Hkv, L, D], oldest first."""
+        return self.local[0].data
+
+    @property
+    def local_v(self) -> torch.Tensor | None:
+        return self.local[1].data
+
+    @property
+    def local_mass(self) -> torch.Tensor | None:
+        """[B, Hkv, L] fp32: attention each local key received so far."""
+        return self.local[2].data
 
     @property
     def n_sinks(self) -> int:
@@ -66,30 +95,27 @@ class MemoryLayer:
 
     @property
     def n_local(self) -> int:
-        return 0 if self.local_k is None else self.local_k.shape[2]
+        return self.local[0].length
 
     @property
     def local_start(self) -> int:
         """Stream index of the first local token."""
         return self.seen - self.n_local
 
+    @property
+    def reads_in_place(self) -> bool:
+        """Whether steps read sinks, units and local window in place (infllm, stacked)."""
+        return self.config.position in ("infllm", "stacked")
+
     def _append_local(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        mass = torch.zeros(k.shape[:3], device=k.device)
-        if self.local_k is None:
-            self.local_k, self.local_v, self.local_mass = k, v, mass
-        else:
-            self.local_k = torch.cat((self.local_k, k), dim=2)
-            self.local_v = torch.cat((self.local_v, v), dim=2)
-            self.local_mass = torch.cat((self.local_mass, mass), dim=2)
+        self.local[0].append(k)
+        self.local[1].append(v)
+        self.local[2].append(torch.zeros(k.shape[:3], device=k.device))
         self.seen += k.shape[2]
 
     def _pop_local(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Remove and return the oldest n local tokens (keys, values, mass)."""
-        popped = self.local_k[:, :, :n], self.local_v[:, :, :n], self.local_mass[:, :, :n]
-        self.local_k = self.local_k[:, :, n:]
-        self.local_v = self.local_v[:, :, n:]
-        self.local_mass = self.local_mass[:, :, n:]
-        return popped
+        return tuple(part.pop_front(n) for part in self.local)
 
     def _make_room(self, incoming: int) -> None:
         """Move the oldest local tokens to sinks, units (or nowhere, streaming) so that the
@@ -134,6 +160,8 @@ class MemoryLayer:
         Long steps are cut into exec_chunk pieces, each packed, retrieved and attended in turn.
         """
         k_new, v_new = self.pending.take(q.shape[2])
+        if self.counts is not None:
+            return self._static_step(q, k_new, v_new, scale).to(q.dtype)
         limit = self.config.exec_chunk if self.config.position != "full" else q.shape[2]
         outs = []
         for first in range(0, q.shape[2], limit):
@@ -147,17 +175,48 @@ class MemoryLayer:
         cfg = self.config
         self._make_room(k.shape[2])
         self._append_local(k, v)
-        window = self._window(q, scale)
+        self.last_ids = None
+        if self.config.retrieves and self.units.n_units:
+            self.last_ids = self._retrieve(q, scale)
+        if self.reads_in_place:
+            return self._attend_in_place(q, scale, self.last_ids, self.n_local)
+        window = self._window(q, self.last_ids)
         want_mass = cfg.retrieves and cfg.repr == "attention"
         out, mass = attend(
             q, window, config=cfg, rotary=self.rotary, scale=scale, want_mass=want_mass
         )
         if mass is not None:
-            self.local_mass += mass
+            self.local_mass.add_(mass)
         return out
 
-    def _window(self, q: torch.Tensor, scale: float) -> Window:
-        """[sinks | retrieved units | local] for the step's queries."""
+    def _attend_in_place(
+        self, q: torch.Tensor, scale: float, ids: torch.Tensor | None, n_local: int | torch.Tensor
+    ) -> torch.Tensor:
+        """[sinks | units `ids` | first `n_local` keys of the local buffer], positions as the
+        policy says; adds the attention local keys received to their mass."""
+        cfg = self.config
+        span = 1 if cfg.position == "infllm" else max(cfg.unit_size, cfg.n_init)
+        cos, sin = self.rotary.table(
+            max(cfg.n_local + span, self.local[0].capacity), q.dtype, q.device
+        )
+        local_k, local_v, local_mass = (part.buffer for part in self.local)
+        out, lse = memory_attention(
+            q, sink_k=self.sink_k, sink_v=self.sink_v,
+            pool_k=self.units.keys.buffer, pool_v=self.units.values.buffer, ids=ids,
+            unit_size=cfg.unit_size, local_k=local_k, local_v=local_v, n_local=n_local,
+            cos=cos, sin=sin, scale=scale, memory_q_pos=cfg.n_local + span - 1,
+            stacked=cfg.position == "stacked",
+        )  # fmt: skip
+        if cfg.retrieves and cfg.repr == "attention":
+            if isinstance(n_local, int):  # the filled part only
+                local_k, local_mass = local_k[:, :, :n_local], local_mass[:, :, :n_local]
+            local_mass += local_key_mass(
+                q, local_k, n_local=n_local, lse=lse, cos=cos, sin=sin, scale=scale
+            )
+        return out
+
+    def _window(self, q: torch.Tensor, ids: torch.Tensor | None) -> Window:
+        """[sinks | retrieved units | local] for the step's queries, assembled."""
         device = self.local_k.device
         n_queries = q.shape[2]
         parts_k, parts_v, parts_abs = [], [], []
@@ -165,10 +224,7 @@ class MemoryLayer:
             parts_k.append(self.sink_k)
             parts_v.append(self.sink_v)
             parts_abs.append(torch.arange(self.n_sinks, device=device))
-        self.last_ids = None
-        if self.config.retrieves and self.units.n_units:
-            ids = self._retrieve(q, scale)
-            self.last_ids = ids
+        if ids is not None:
             unit_size = self.config.unit_size
             parts_k.append(gather_units(self.units.keys.data, ids, unit_size))
             parts_v.append(gather_units(self.units.values.data, ids, unit_size))
@@ -189,25 +245,96 @@ class MemoryLayer:
             unit_start=self.units.start,
         )
 
-    def _retrieve(self, q: torch.Tensor, scale: float) -> torch.Tensor:
-        """Ids [B, Hkv, k] of the units whose representatives best match the step's queries."""
+    def _retrieve(
+        self, q: torch.Tensor, scale: float, n_units: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Ids [B, Hkv, k] of the units whose representatives best match the step's queries.
+
+        `n_units` (static mode): the device count of units; the pool's spare capacity is scored
+        too, masked, so that shapes do not change from step to step.
+        """
         cfg = self.config
-        n_units = self.units.n_units
-        if n_units <= cfg.topk:
-            ids = torch.arange(n_units, device=q.device)
+        if n_units is None and self.units.n_units <= cfg.topk:
+            ids = torch.arange(self.units.n_units, device=q.device)
             return ids.expand(*self.local_k.shape[:2], -1)
         # Score as if each unit sat just beyond the local window, where it will be attended.
         distance = min(cfg.n_local, self.rotary.max_positions - 1)
-        cos, sin = self.rotary.cos_sin(
-            torch.tensor(distance, device=q.device), q.dtype, distance + 1
-        )
+        cos, sin = self.rotary.table(distance + 1, q.dtype, q.device)
+        reps = self.units.reps.data if n_units is None else self.units.reps.buffer
         return score_units(
-            rope(q, cos, sin),
-            self.units.reps.data,
-            kind=score_kind(cfg.repr),
-            scale=scale,
-            k=cfg.topk,
-        )
+            rope(q, cos[distance], sin[distance]), reps, kind=score_kind(cfg.repr),
+            scale=scale, k=cfg.topk, n_valid=n_units,
+        )  # fmt: skip
+
+    # -- static one-token steps (CUDA graphs) ------------------------------------------------
+
+    def static_problem(self) -> str | None:
+        """Why one-token steps of this layer cannot be captured now, or None."""
+        cfg = self.config
+        if not self.reads_in_place or not cfg.retrieves:
+            return f"static decoding needs position 'infllm' or 'stacked', not '{cfg.position}'"
+        if self.n_sinks < cfg.n_init or self.units.n_units <= cfg.topk:
+            return (
+                f"static decoding starts once the memory holds {cfg.n_init} sinks and more than "
+                f"topk={cfg.topk} units; this layer has {self.n_sinks} and {self.units.n_units}"
+            )
+        return None
+
+    def start_static(self, unit_capacity: int) -> None:
+        """Make one-token steps capturable: fixed buffers (local window, `unit_capacity` units),
+        counts on the device. Needs a steady state (`static_problem`)."""
+        cfg = self.config
+        if (problem := self.static_problem()) is not None:
+            raise ValueError(problem)
+        for part in self.local:
+            part.reserve(cfg.n_local)
+        for part in (self.units.keys, self.units.values):
+            part.reserve(unit_capacity * cfg.unit_size)
+        self.units.reps.reserve(unit_capacity)
+        self.counts = torch.zeros(2, dtype=torch.int32, device=self.local_k.device)
+        self._sync_counts()
+
+    def stop_static(self) -> None:
+        self.counts = None
+
+    @property
+    def static_room(self) -> int:
+        """Units the pool can still take without moving (static mode)."""
+        return self.units.reps.capacity - self.units.n_units
+
+    def before_static_step(self) -> None:
+        """Pack the oldest local tokens if the next token would not fit (every unit_size
+        steps), outside the graph; counts follow by device-side fills, no read-back."""
+        if self.n_local + 1 <= self.config.n_local:
+            return
+        if self.static_room < 1:
+            raise RuntimeError("agentmem: the static unit pool is full; capture again, larger")
+        self._make_room(1)
+        self._sync_counts()
+
+    def after_static_step(self) -> None:
+        """The host's record of what a replayed step did: one token more in the local window."""
+        for part in self.local:
+            part.length += 1
+        self.seen += 1
+
+    def _sync_counts(self) -> None:
+        self.counts[0].fill_(self.n_local)
+        self.counts[1].fill_(self.units.n_units)
+
+    def _static_step(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """One token, fixed shapes, counts read on the device only."""
+        if q.shape[2] != 1:
+            raise RuntimeError("agentmem: static mode takes one token per step")
+        n_local = self.counts[0:1]
+        slot = n_local.long()
+        for part, new in zip(self.local, (k, v, torch.zeros(k.shape[:3], device=k.device))):
+            part.buffer.index_copy_(2, slot, new)
+        n_local.add_(1)
+        self.last_ids = self._retrieve(q, scale, n_units=self.counts[1:2])
+        return self._attend_in_place(q, scale, self.last_ids, n_local)
 
     def attended_spans(self) -> list[tuple[int, int]]:
         """Stream spans [start, end) the last step attended in this layer (batch 0, any head)."""
@@ -221,9 +348,9 @@ class MemoryLayer:
         return spans
 
     def nbytes(self) -> int:
-        tensors = (self.sink_k, self.sink_v, self.local_k, self.local_v)
-        held = sum(t.numel() * t.element_size() for t in tensors if t is not None)
-        return held + self.units.nbytes()
+        held = sum(part.nbytes() for part in self.local)
+        sinks = sum(t.numel() * t.element_size() for t in (self.sink_k, self.sink_v) if t is not None)
+        return held + sinks + self.units.nbytes()
 
 
 class SlidingLayer:

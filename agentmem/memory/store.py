@@ -22,17 +22,42 @@ class GrowingTensor:
         """The filled part, `[B, H, length, ...]` (a view), or None before the first append."""
         return None if self._data is None else self._data[:, :, : self.length]
 
+    @property
+    def buffer(self) -> torch.Tensor | None:
+        """All of the storage, spare capacity included (a view whose address never changes
+        until the tensor grows past its capacity)."""
+        return self._data
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._data is None else self._data.shape[2]
+
     def append(self, x: torch.Tensor) -> None:
         n = x.shape[2]
         if self._data is None:
             self._data = x.new_empty((*x.shape[:2], max(n, 16), *x.shape[3:]))
         elif self.length + n > self._data.shape[2]:
-            capacity = max(self.length + n, 2 * self._data.shape[2])
-            grown = self._data.new_empty((*self._data.shape[:2], capacity, *self._data.shape[3:]))
-            grown[:, :, : self.length] = self._data[:, :, : self.length]
-            self._data = grown
+            self.reserve(max(self.length + n, 2 * self._data.shape[2]))
         self._data[:, :, self.length : self.length + n] = x
         self.length += n
+
+    def reserve(self, capacity: int) -> None:
+        """Make room for `capacity` entries without moving again (needs a first append)."""
+        if self._data is None:
+            raise RuntimeError("reserve needs the tensor's first entries (for shape and dtype)")
+        if capacity <= self._data.shape[2]:
+            return
+        grown = self._data.new_empty((*self._data.shape[:2], capacity, *self._data.shape[3:]))
+        grown[:, :, : self.length] = self._data[:, :, : self.length]
+        self._data = grown
+
+    def pop_front(self, n: int) -> torch.Tensor:
+        """Remove and return the first n entries; the rest move to the front, in place."""
+        popped = self._data[:, :, :n].clone()
+        rest = self._data[:, :, n : self.length].clone()
+        self._data[:, :, : self.length - n] = rest
+        self.length -= n
+        return popped
 
     def nbytes(self) -> int:
         return 0 if self._data is None else self._data.numel() * self._data.element_size()

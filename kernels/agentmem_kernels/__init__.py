@@ -1,9 +1,10 @@
 """agentmem's attention and retrieval kernels.
 
 `reference` holds the exact pure-torch implementation of every entry point; it runs on any device
-and is what the Triton kernels are tested against. `placed_attention` is the one entry point with
-a Triton kernel so far: the backend is chosen once per device type (Triton on CUDA, the reference
-elsewhere), logged, and can be forced with `AGENTMEM_KERNELS=reference|triton` or `use_backend`.
+and is what the Triton kernels are tested against. `placed_attention`, `memory_attention` and
+`unit_mass` (hence `score_units`) have Triton kernels: the backend is chosen once per device type
+(Triton on CUDA, the reference elsewhere), logged, and can be forced with
+`AGENTMEM_KERNELS=reference|triton` or `use_backend`.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from agentmem_kernels.reference import (
     KeySegment,
     attention,
     gather_units,
+    local_key_mass,
     merge,
     rope,
-    score_units,
     segment_attention,
+    top_units,
     unit_logits,
 )
 
@@ -31,13 +33,17 @@ __all__ = [
     "attention",
     "backend",
     "gather_units",
+    "local_key_mass",
+    "memory_attention",
     "merge",
     "placed_attention",
     "reference",
     "rope",
     "score_units",
     "segment_attention",
+    "top_units",
     "unit_logits",
+    "unit_mass",
     "use_backend",
 ]
 
@@ -70,24 +76,48 @@ def use_backend(name: str | None, device_type: str = "cuda") -> None:
 
 def placed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs):
     """See `reference.placed_attention`; runs on the backend chosen for q's device."""
-    return _implementation(backend(q.device), q)(q, k, v, **kwargs)
+    return _implementation("placed_attention", q)(q, k, v, **kwargs)
+
+
+def memory_attention(q: torch.Tensor, **kwargs):
+    """See `reference.memory_attention`; runs on the backend chosen for q's device."""
+    return _implementation("memory_attention", q)(q, **kwargs)
+
+
+def unit_mass(q: torch.Tensor, reps: torch.Tensor, **kwargs) -> torch.Tensor:
+    """See `reference.unit_mass`; runs on the backend chosen for q's device."""
+    return _implementation("unit_mass", q)(q, reps, **kwargs)
+
+
+def score_units(q: torch.Tensor, reps: torch.Tensor, *, k: int, **kwargs) -> torch.Tensor:
+    """See `reference.score_units`: `unit_mass` on the chosen backend, then the exact top-k."""
+    return top_units(unit_mass(q, reps, **kwargs), k)
 
 
 _unsupported_logged: set[str] = set()
+_TRITON_MODULES = {
+    "placed_attention": "triton_attention",
+    "memory_attention": "triton_memory",
+    "unit_mass": "triton_memory",
+}
 
 
-def _implementation(name: str, q: torch.Tensor) -> Callable:
-    if name == "reference":
-        return reference.placed_attention
+def _implementation(entry: str, q: torch.Tensor) -> Callable:
+    fallback = getattr(reference, entry)
+    if backend(q.device) == "reference":
+        return fallback
+    import importlib
+
     from agentmem_kernels import triton_attention
 
     reason = triton_attention.supports(q)
     if reason is None:
-        return triton_attention.placed_attention
-    if reason not in _unsupported_logged:  # a shape the kernel does not cover: said once
+        module = importlib.import_module(f"agentmem_kernels.{_TRITON_MODULES[entry]}")
+        return getattr(module, entry)
+    if reason not in _unsupported_logged:  # a shape the kernels do not cover: said once
         _unsupported_logged.add(reason)
-        logger.warning("agentmem_kernels: reference attention because %s", reason)
-    return reference.placed_attention
+        logger.warning("agentmem_kernels: reference kernels because %s", reason)
+    return fallback
 
 
 def _has_triton() -> bool:

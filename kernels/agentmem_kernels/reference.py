@@ -140,28 +140,60 @@ def merge(
 
 
 def score_units(
-    q: torch.Tensor, reps: torch.Tensor, *, kind: str, scale: float, k: int
+    q: torch.Tensor,
+    reps: torch.Tensor,
+    *,
+    kind: str,
+    scale: float,
+    k: int,
+    n_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact top-k units for a step's queries, for every (batch, key head) set at once.
 
-    A unit's logit for one query is its best representative's: `max_r q . rep_r` (`kind="dot"`), or
-    for bounding boxes the upper bound `max_r sum_d max(q_d min_rd, q_d max_rd)` (`kind="minmax"`,
-    reps hold R mins then R maxes). Each query spreads a unit mass over units by a softmax of its
-    scaled logits; a unit's score is the mass summed over the step's queries and the group's heads,
-    so a few sharp queries are not drowned by many indifferent ones and the set is shared by the
-    heads that read the same key head.
+    A unit's score is its `unit_mass`; the k largest are returned.
 
     Args:
         q: [B, Hq, T, D] queries rotated to the scoring distance.
         reps: [B, Hkv, N, R, D] representatives ([B, Hkv, N, 2R, D] for minmax).
-        k: units to return, <= N.
+        k: units to return, <= N (and <= n_valid).
+        n_valid: optional int tensor of one element: only units below it exist (the rest of
+            `reps` is spare capacity). A tensor, not a number, so that no step reads it back.
     Returns:
         [B, Hkv, k] int64 unit ids, ascending (the order units have in the stream).
     """
-    logits = unit_logits(q, reps, kind=kind)  # [B, Hkv, G, T, N]
-    mass = torch.softmax(logits * scale, dim=-1).sum(dim=(2, 3))  # [B, Hkv, N]
-    top = torch.topk(mass, k, dim=-1).indices
-    return torch.sort(top, dim=-1).values
+    mass = unit_mass(q, reps, kind=kind, scale=scale, n_valid=n_valid)
+    return top_units(mass, k)
+
+
+def top_units(mass: torch.Tensor, k: int) -> torch.Tensor:
+    """Ids of the k units of largest mass [B, Hkv, N], ascending."""
+    return torch.sort(torch.topk(mass, k, dim=-1).indices, dim=-1).values
+
+
+def unit_mass(
+    q: torch.Tensor,
+    reps: torch.Tensor,
+    *,
+    kind: str,
+    scale: float,
+    n_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """How much attention the step's queries would give each unit: [B, Hkv, N] fp32.
+
+    A unit's logit for one query is its best representative's: `max_r q . rep_r` (`kind="dot"`), or
+    for bounding boxes the upper bound `max_r sum_d max(q_d min_rd, q_d max_rd)` (`kind="minmax"`,
+    reps hold R mins then R maxes). Each query spreads a unit mass over units by a softmax of its
+    scaled logits; a unit's mass is summed over the step's queries and the group's heads, so a few
+    sharp queries are not drowned by many indifferent ones and the set is shared by the heads that
+    read the same key head. Units at or past `n_valid` get mass -1.
+    """
+    logits = unit_logits(q, reps, kind=kind) * scale  # [B, Hkv, G, T, N]
+    valid = None
+    if n_valid is not None:
+        valid = torch.arange(reps.shape[2], device=reps.device) < n_valid.reshape(())
+        logits = logits.masked_fill(~valid, float("-inf"))
+    mass = torch.softmax(logits, dim=-1).sum(dim=(2, 3))  # [B, Hkv, N]
+    return mass if valid is None else mass.masked_fill(~valid, -1.0)
 
 
 def unit_logits(q: torch.Tensor, reps: torch.Tensor, *, kind: str) -> torch.Tensor:
@@ -288,3 +320,99 @@ def _rotated_segments(q, k, v, q_pos, k_pos, k_abs, parts, cos, sin) -> list[Key
             )
         )
     return segments
+
+
+def memory_attention(
+    q: torch.Tensor,
+    *,
+    sink_k: torch.Tensor | None,
+    sink_v: torch.Tensor | None,
+    pool_k: torch.Tensor | None,
+    pool_v: torch.Tensor | None,
+    ids: torch.Tensor | None,
+    unit_size: int,
+    local_k: torch.Tensor,
+    local_v: torch.Tensor,
+    n_local: int | torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    scale: float,
+    memory_q_pos: int,
+    stacked: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's attention over `[sinks | units of the pool chosen by ids | local]`, one softmax.
+
+    The InfLLM window read in place: units are addressed through the index table `ids`, never
+    copied, and the local window is the first `n_local` keys of its buffer, the step's own keys last.
+    Positions (keys rotated to them, pre-RoPE in storage):
+      - local key j sits at j, the step's query t at `n_local - T + t`, and sees local keys <= it;
+      - every memory key sits at 0 (InfLLM) or, `stacked`, a sink at its index and a unit's token
+        at its offset in the unit; every query sees every memory key from `memory_q_pos`.
+
+    Args:
+        q: [B, Hq, T, D] pre-RoPE queries, the last T tokens of the local window.
+        sink_k, sink_v: [B, Hkv, S, D] or None; pool_k, pool_v: [B, Hkv, N * unit_size, D] or None.
+        ids: [B, Hkv, k] unit ids into the pool, or None.
+        local_k, local_v: [B, Hkv, C, D] buffers whose first `n_local` keys are the local window.
+        n_local: int, or an int tensor of one element (read on the device by the kernel).
+        cos, sin: [N, D] tables of the model's rotary module.
+    Returns:
+        out [B, Hq, T, D] fp32, lse [B, Hq, T] fp32.
+    """
+    n = int(n_local)
+    n_queries = q.shape[2]
+    device = q.device
+    mem_k, mem_v, mem_pos = [], [], []
+    if sink_k is not None and sink_k.shape[2]:
+        mem_k.append(sink_k)
+        mem_v.append(sink_v)
+        mem_pos.append(torch.arange(sink_k.shape[2], device=device))
+    if ids is not None and ids.shape[-1]:
+        mem_k.append(gather_units(pool_k, ids, unit_size))
+        mem_v.append(gather_units(pool_v, ids, unit_size))
+        mem_pos.append(torch.arange(unit_size, device=device).repeat(ids.shape[-1]))
+    n_memory = sum(part.shape[2] for part in mem_k)
+    k = torch.cat([*mem_k, local_k[:, :, :n]], dim=2)
+    v = torch.cat([*mem_v, local_v[:, :, :n]], dim=2)
+    local_pos = torch.arange(n, device=device)
+    memory_pos = torch.cat(mem_pos) if stacked and mem_pos else torch.zeros(n_memory, device=device)
+    k_pos = torch.cat((memory_pos.long(), local_pos)).expand(*k.shape[:2], -1)
+    k_abs = torch.cat((torch.full((n_memory,), -1, device=device), local_pos))
+    q_abs = local_pos[n - n_queries :]
+    parts, q_pos = [(n_memory, n_memory + n, 0, None)], [q_abs]
+    if n_memory:
+        parts.insert(0, (0, n_memory, 0, None))
+        q_pos.insert(0, torch.full_like(q_abs, memory_q_pos))
+    out, lse, _ = placed_attention(
+        q, k, v, q_pos=torch.stack(q_pos), k_pos=k_pos, q_abs=q_abs,
+        k_abs=k_abs.expand(*k.shape[:2], -1), parts=parts, cos=cos, sin=sin, scale=scale,
+    )  # fmt: skip
+    return out, lse
+
+
+def local_key_mass(
+    q: torch.Tensor,
+    local_k: torch.Tensor,
+    *,
+    n_local: int | torch.Tensor,
+    lse: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention each local key received in `memory_attention` (positions as there), from its lse,
+    summed over the step's queries and the key head's query heads: [B, Hkv, C] fp32, 0 past
+    `n_local`. Static shapes, no read-back: it runs inside a captured decode step."""
+    batch, n_q_heads, n_queries, _ = q.shape
+    n_kv_heads, capacity = local_k.shape[1], local_k.shape[2]
+    n = torch.as_tensor(n_local, device=q.device).reshape(())
+    q_pos = (n - n_queries + torch.arange(n_queries, device=q.device)).clamp(min=0)
+    k_pos = torch.arange(capacity, device=q.device)
+    queries = rope(q.float(), cos[q_pos].float(), sin[q_pos].float())
+    keys = rope(local_k.float(), cos[:capacity].float(), sin[:capacity].float())
+    queries = queries.view(batch, n_kv_heads, n_q_heads // n_kv_heads, n_queries, -1)
+    logits = torch.einsum("bhgtd,bhkd->bhgtk", queries, keys) * scale
+    visible = k_pos <= q_pos[:, None]  # [T, C]; also keeps keys past n_local out
+    lse = lse.view(batch, n_kv_heads, -1, n_queries, 1)
+    probs = torch.exp(logits.masked_fill(~visible, float("-inf")) - lse).nan_to_num(0.0)
+    return probs.sum(dim=(2, 3))

@@ -118,6 +118,19 @@ def placed_attention_fwd_kernel(
     tl.store(l_out + o_out, b_l, mask=m_r)
 
 
+def merge_splits(
+    acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor  # noqa: E741
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact log-sum-exp merge of split-K partials [S, ..., (D)]: out [..., D], lse [...].
+    Rows that saw no key get out 0 and lse -inf."""
+    m_max = m.amax(dim=0)
+    m_safe = torch.where(torch.isfinite(m_max), m_max, torch.zeros_like(m_max))
+    weight = torch.exp(m - m_safe)
+    total = (l * weight).sum(dim=0)
+    out = (acc * weight.unsqueeze(-1)).sum(dim=0) / total.clamp(min=1e-30).unsqueeze(-1)
+    return out, m_safe + torch.log(total)
+
+
 def supports(q: torch.Tensor) -> str | None:
     """Why the kernel cannot take these queries, or None if it can."""
     head_dim = q.shape[-1]
@@ -184,13 +197,7 @@ def placed_attention(
         EXACT=q.dtype == torch.float32,
         num_warps=4,
     )  # fmt: skip
-    # Merge the splits exactly (log-sum-exp); rows that saw no key get 0 and lse -inf.
-    m_max = m.amax(dim=0)
-    m_safe = torch.where(torch.isfinite(m_max), m_max, torch.zeros_like(m_max))
-    weight = torch.exp(m - m_safe)  # [S, B*Hkv, R]
-    total = (l * weight).sum(dim=0)
-    out = (acc * weight.unsqueeze(-1)).sum(dim=0) / total.clamp(min=1e-30).unsqueeze(-1)
-    lse = m_safe + torch.log(total)
+    out, lse = merge_splits(acc, m, l)
     # rows are (g, t) per key head: back to [B, Hq, T, D]
     out = out.view(batch, n_kv_heads, group, n_queries, head_dim).reshape(q.shape)
     lse = lse.view(batch, n_q_heads, n_queries)

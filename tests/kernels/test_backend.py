@@ -34,18 +34,20 @@ def test_backend_is_chosen_once_and_can_be_forced(restore_backends, monkeypatch)
         agentmem_kernels.use_backend("cuda-graphs")
 
 
-@pytest.mark.parametrize("position", ["infllm", "contiguous", "selfextend"])
+@pytest.mark.parametrize("position", ["infllm", "stacked", "contiguous", "selfextend"])
 def test_triton_backend_matches_the_reference_in_a_model(restore_backends, position, monkeypatch):
-    from agentmem_kernels import triton_attention
+    from agentmem_kernels import triton_attention, triton_memory
 
     launches = []
-    real = triton_attention.placed_attention
+    for module, name in [(triton_attention, "placed_attention"),
+                         (triton_memory, "memory_attention"), (triton_memory, "unit_mass")]:  # fmt: skip
+        real = getattr(module, name)
 
-    def counted(*args, **kwargs):
-        launches.append(1)
-        return real(*args, **kwargs)
+        def counted(*args, _real=real, _name=name, **kwargs):
+            launches.append(_name)
+            return _real(*args, **kwargs)
 
-    monkeypatch.setattr(triton_attention, "placed_attention", counted)
+        monkeypatch.setattr(module, name, counted)
     model = build("gemma3", head_dim=32).to(DEVICE)  # the kernel needs head_dim >= 32
     torch.manual_seed(3)
     ids = torch.randint(3, VOCAB, (1, 96), device=DEVICE)
@@ -63,5 +65,8 @@ def test_triton_backend_matches_the_reference_in_a_model(restore_backends, posit
                 [model(ids[:, i : i + 16], past_key_values=cache).logits for i in range(0, 96, 16)],
                 dim=1,
             )
-    assert len(launches) == 6  # one global layer, six steps
+    # one global layer, six steps, each retrieving once there are more than topk units
+    window = "memory_attention" if position in ("infllm", "stacked") else "placed_attention"
+    assert launches.count(window) == 6
+    assert launches.count("unit_mass") >= 3
     torch.testing.assert_close(logits["triton"], logits["reference"], atol=1e-4, rtol=1e-4)

@@ -50,16 +50,23 @@ def test_tokens_land_in_sinks_units_and_local_in_order(step):
     assert layer.units.span(0) == (5, 13)
 
 
-@pytest.mark.parametrize("position", ["infllm", "contiguous", "selfextend"])
+@pytest.mark.parametrize("position", ["infllm", "stacked", "contiguous", "selfextend"])
 def test_attended_keys_never_exceed_the_window(monkeypatch, position):
     attended = []
-    real = memory_layer.attend
+    real_attend, real_in_place = memory_layer.attend, memory_layer.memory_attention
 
     def spy(q, window, **kwargs):
         attended.append(window.k.shape[2])
-        return real(q, window, **kwargs)
+        return real_attend(q, window, **kwargs)
+
+    def spy_in_place(q, **kwargs):
+        n_units = 0 if kwargs["ids"] is None else kwargs["ids"].shape[-1]
+        n_sinks = 0 if kwargs["sink_k"] is None else kwargs["sink_k"].shape[2]
+        attended.append(n_sinks + n_units * kwargs["unit_size"] + int(kwargs["n_local"]))
+        return real_in_place(q, **kwargs)
 
     monkeypatch.setattr(memory_layer, "attend", spy)
+    monkeypatch.setattr(memory_layer, "memory_attention", spy_in_place)
     config = CONFIG.model_copy(update={"position": position})
     layer = MemoryLayer(config, PlainRope(D))
     _stream(layer, 600, 16)

@@ -1,0 +1,342 @@
+"""Triton kernels of a memory step: `memory_attention` (the window read in place: sinks, units of
+the pool through an index table, the local window, keys rotated in-kernel, one online softmax, GQA
+rows, split-K) and `unit_mass` (representative scoring for every (batch, key head) in one launch per
+pass, no [queries x units x representatives] tensor in memory).
+
+Both take counts as device tensors where they change from step to step (the local window's length,
+the number of units), so a decode step reads nothing back and can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from agentmem_kernels import triton_attention
+from agentmem_kernels.triton_attention import merge_splits, supports
+
+
+@triton.jit
+def _attend_block(
+    b_q1, b_q2, p_k, p_v, m_k, b_kpos, m_vis, cos, sin, stride_cn, b_m, b_l, b_acc, scale,
+    HALF: tl.constexpr, D: tl.constexpr, EXACT: tl.constexpr,
+):  # fmt: skip
+    """One block of keys into the online softmax. p_k, p_v: [BN] row pointers; b_q1, b_q2: the
+    rotated query halves [BM, HALF]; m_vis [BM, BN]: which key each row sees."""
+    o_half = tl.arange(0, HALF)
+    o_d = tl.arange(0, D)
+    b_k1 = tl.load(p_k[:, None] + o_half[None, :], mask=m_k[:, None], other=0.0).to(tl.float32)
+    b_k2 = tl.load(p_k[:, None] + HALF + o_half[None, :], mask=m_k[:, None], other=0.0).to(
+        tl.float32
+    )
+    p_c = b_kpos[:, None] * stride_cn + o_half[None, :]
+    b_c1, b_c2 = tl.load(cos + p_c), tl.load(cos + p_c + HALF)
+    b_s1, b_s2 = tl.load(sin + p_c), tl.load(sin + p_c + HALF)
+    b_kr1 = (b_k1 * b_c1 - b_k2 * b_s1).to(b_q1.dtype)
+    b_kr2 = (b_k2 * b_c2 + b_k1 * b_s2).to(b_q1.dtype)
+    if EXACT:  # fp32 inputs: full-precision products, not tf32
+        b_s = tl.dot(b_q1, tl.trans(b_kr1), input_precision="ieee")
+        b_s += tl.dot(b_q2, tl.trans(b_kr2), input_precision="ieee")
+    else:
+        b_s = tl.dot(b_q1, tl.trans(b_kr1)) + tl.dot(b_q2, tl.trans(b_kr2))
+    b_s = tl.where(m_vis & m_k[None, :], b_s * scale, float("-inf"))
+    b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+    b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # rows that saw nothing yet
+    b_alpha = tl.exp(b_m - b_m_safe)
+    b_p = tl.exp(b_s - b_m_safe[:, None])
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    b_v = tl.load(p_v[:, None] + o_d[None, :], mask=m_k[:, None], other=0.0)
+    if EXACT:
+        b_pv = tl.dot(b_p, b_v.to(tl.float32), input_precision="ieee")
+    else:
+        b_pv = tl.dot(b_p.to(b_v.dtype), b_v)
+    return b_m_new, b_l, b_acc * b_alpha[:, None] + b_pv
+
+
+@triton.jit
+def _rotate(b_q1, b_q2, b_pos, cos, sin, stride_cn, HALF: tl.constexpr, dot_ty):
+    """Query halves [BM, HALF] rotated to positions b_pos [BM]."""
+    o_half = tl.arange(0, HALF)
+    p_c = b_pos[:, None] * stride_cn + o_half[None, :]
+    b_c1, b_c2 = tl.load(cos + p_c), tl.load(cos + p_c + HALF)
+    b_s1, b_s2 = tl.load(sin + p_c), tl.load(sin + p_c + HALF)
+    return (b_q1 * b_c1 - b_q2 * b_s1).to(dot_ty), (b_q2 * b_c2 + b_q1 * b_s2).to(dot_ty)
+
+
+@triton.jit
+def memory_attention_fwd_kernel(
+    q, sink_k, sink_v, pool_k, pool_v, ids, local_k, local_v, n_local, cos, sin,
+    acc_out, m_out, l_out,
+    scale,
+    stride_qb, stride_qh, stride_qt,
+    stride_sb, stride_sh, stride_sk,
+    stride_pb, stride_ph, stride_pk,
+    stride_ib, stride_ih,
+    stride_lb, stride_lh, stride_lk,
+    stride_cn,
+    T, HKV, ROWS, N_SINKS, N_UNIT_KEYS, MEM_Q_POS,
+    G: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, U: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, NSPLIT: tl.constexpr,
+    STACKED: tl.constexpr, EXACT: tl.constexpr,
+):  # fmt: skip
+    i_bh, i_m, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // HKV, i_bh % HKV
+    o_r = i_m * BM + tl.arange(0, BM)  # rows: g * T + t
+    m_r = o_r < G * T
+    i_g, i_t = o_r // T, o_r % T
+    o_half = tl.arange(0, HALF)
+    dot_ty = q.dtype.element_ty
+    n = tl.load(n_local)
+
+    p_q = q + i_b * stride_qb + (i_h * G + i_g)[:, None] * stride_qh + i_t[:, None] * stride_qt
+    b_q1 = tl.load(p_q + o_half[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
+    b_q2 = tl.load(p_q + HALF + o_half[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
+    b_m = tl.full([BM], float("-inf"), tl.float32)
+    b_l = tl.zeros([BM], tl.float32)
+    b_acc = tl.zeros([BM, D], tl.float32)
+
+    # Memory: every query sees every key, from one position.
+    b_mq1, b_mq2 = _rotate(
+        b_q1, b_q2, tl.zeros([BM], tl.int32) + MEM_Q_POS, cos, sin, stride_cn, HALF, dot_ty
+    )
+    # sinks
+    per_split = tl.cdiv(tl.cdiv(N_SINKS, BN), NSPLIT) * BN
+    lo = i_s * per_split
+    for i_k in range(lo, tl.minimum(lo + per_split, N_SINKS), BN):
+        o_k = i_k + tl.arange(0, BN)
+        m_k = o_k < N_SINKS
+        p_k = sink_k + i_b * stride_sb + i_h * stride_sh + o_k * stride_sk
+        p_v = sink_v + i_b * stride_sb + i_h * stride_sh + o_k * stride_sk
+        b_pos = o_k * STACKED  # stacked: a sink at its index; infllm: every memory key at 0
+        b_m, b_l, b_acc = _attend_block(
+            b_mq1, b_mq2, p_k, p_v, m_k, b_pos, m_r[:, None], cos, sin, stride_cn,
+            b_m, b_l, b_acc, scale, HALF, D, EXACT,
+        )  # fmt: skip
+    # units, read through the index table
+    per_split = tl.cdiv(tl.cdiv(N_UNIT_KEYS, BN), NSPLIT) * BN
+    lo = i_s * per_split
+    for i_k in range(lo, tl.minimum(lo + per_split, N_UNIT_KEYS), BN):
+        o_k = i_k + tl.arange(0, BN)
+        m_k = o_k < N_UNIT_KEYS
+        b_id = tl.load(ids + i_b * stride_ib + i_h * stride_ih + o_k // U, mask=m_k, other=0)
+        o_row = b_id.to(tl.int64) * U + o_k % U
+        p_k = pool_k + i_b * stride_pb + i_h * stride_ph + o_row * stride_pk
+        p_v = pool_v + i_b * stride_pb + i_h * stride_ph + o_row * stride_pk
+        b_pos = (o_k % U) * STACKED  # stacked: a token at its offset in the unit
+        b_m, b_l, b_acc = _attend_block(
+            b_mq1, b_mq2, p_k, p_v, m_k, b_pos, m_r[:, None], cos, sin, stride_cn,
+            b_m, b_l, b_acc, scale, HALF, D, EXACT,
+        )  # fmt: skip
+    # Local window: true distances, causal; the queries are its last T keys.
+    b_qpos = n - T + i_t
+    b_lq1, b_lq2 = _rotate(
+        b_q1, b_q2, tl.maximum(b_qpos, 0), cos, sin, stride_cn, HALF, dot_ty
+    )
+    per_split = tl.cdiv(tl.cdiv(n, BN), NSPLIT) * BN
+    lo = i_s * per_split
+    for i_k in range(lo, tl.minimum(lo + per_split, n), BN):
+        o_k = i_k + tl.arange(0, BN)
+        m_k = o_k < n
+        p_k = local_k + i_b * stride_lb + i_h * stride_lh + o_k * stride_lk
+        p_v = local_v + i_b * stride_lb + i_h * stride_lh + o_k * stride_lk
+        m_vis = (o_k[None, :] <= b_qpos[:, None]) & m_r[:, None]
+        b_m, b_l, b_acc = _attend_block(
+            b_lq1, b_lq2, p_k, p_v, m_k, o_k, m_vis, cos, sin, stride_cn,
+            b_m, b_l, b_acc, scale, HALF, D, EXACT,
+        )  # fmt: skip
+
+    o_out = (i_s * tl.num_programs(0) + i_bh) * ROWS + o_r
+    tl.store(acc_out + o_out[:, None] * D + tl.arange(0, D)[None, :], b_acc, mask=m_r[:, None])
+    tl.store(m_out + o_out, b_m, mask=m_r)
+    tl.store(l_out + o_out, b_l, mask=m_r)
+
+
+def memory_attention(
+    q: torch.Tensor,
+    *,
+    sink_k: torch.Tensor | None,
+    sink_v: torch.Tensor | None,
+    pool_k: torch.Tensor | None,
+    pool_v: torch.Tensor | None,
+    ids: torch.Tensor | None,
+    unit_size: int,
+    local_k: torch.Tensor,
+    local_v: torch.Tensor,
+    n_local: int | torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    scale: float,
+    memory_q_pos: int,
+    stacked: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same signature and results as `reference.memory_attention`."""
+    batch, n_q_heads, n_queries, head_dim = q.shape
+    n_kv_heads, capacity = local_k.shape[1], local_k.shape[2]
+    group = n_q_heads // n_kv_heads
+    if (reason := supports(q)) is not None:
+        raise ValueError(f"the Triton kernel cannot run this: {reason}")
+    if n_q_heads % n_kv_heads or local_k.shape[0] != batch or local_k.shape != local_v.shape:
+        raise ValueError(f"q {tuple(q.shape)} and local k/v {tuple(local_k.shape)} do not match")
+    n_sinks = 0 if sink_k is None else sink_k.shape[2]
+    n_unit_keys = 0 if ids is None else ids.shape[-1] * unit_size
+    if not isinstance(n_local, torch.Tensor):
+        n_local = torch.tensor([n_local], dtype=torch.int32, device=q.device)
+    q, local_k, local_v = (_last_dim_dense(x) for x in (q, local_k, local_v))
+    sink_k, sink_v = (local_k, local_v) if not n_sinks else map(_last_dim_dense, (sink_k, sink_v))
+    pool_k, pool_v = (local_k, local_v) if not n_unit_keys else map(_last_dim_dense, (pool_k, pool_v))
+    ids = torch.zeros(batch, n_kv_heads, 1, dtype=torch.int32, device=q.device) if ids is None else ids
+    ids = ids.to(torch.int32)
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+
+    rows = group * n_queries
+    block_m = 16 if rows <= 16 else 64
+    block_n = 64 if head_dim <= 128 else 32
+    row_tiles = triton.cdiv(rows, block_m)
+    n_keys = n_sinks + n_unit_keys + capacity
+    splits = 1 if row_tiles > 1 else max(1, min(32, n_keys // (4 * block_n)))
+    shape = (splits, batch * n_kv_heads, rows)
+    acc = triton_attention._alloc((*shape, head_dim), q.device)
+    m, l = triton_attention._alloc(shape, q.device), triton_attention._alloc(shape, q.device)  # noqa: E741
+    memory_attention_fwd_kernel[(batch * n_kv_heads, row_tiles, splits)](
+        q, sink_k, sink_v, pool_k, pool_v, ids, local_k, local_v, n_local, cos, sin, acc, m, l,
+        scale,
+        q.stride(0), q.stride(1), q.stride(2),
+        sink_k.stride(0), sink_k.stride(1), sink_k.stride(2),
+        pool_k.stride(0), pool_k.stride(1), pool_k.stride(2),
+        ids.stride(0), ids.stride(1),
+        local_k.stride(0), local_k.stride(1), local_k.stride(2),
+        cos.stride(0),
+        n_queries, n_kv_heads, rows, n_sinks, n_unit_keys, memory_q_pos,
+        G=group, D=head_dim, HALF=head_dim // 2, U=unit_size,
+        BM=block_m, BN=block_n, NSPLIT=splits, STACKED=stacked,
+        EXACT=q.dtype == torch.float32,
+        num_warps=4,
+    )  # fmt: skip
+    out, lse = merge_splits(acc, m, l)
+    out = out.view(batch, n_kv_heads, group, n_queries, head_dim).reshape(q.shape)
+    return out, lse.view(batch, n_q_heads, n_queries)
+
+
+def _last_dim_dense(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@triton.jit
+def unit_mass_kernel(
+    q, reps, n_valid, stats_m, stats_l, lse, logits, mass,
+    scale,
+    stride_qb, stride_qh, stride_qt,
+    stride_rb, stride_rh, stride_rn,
+    T, HKV, ROWS, NCAP,
+    G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    PASS: tl.constexpr, MINMAX: tl.constexpr, STORE: tl.constexpr, EXACT: tl.constexpr,
+):  # fmt: skip
+    """PASS 1: per-row max and sum of exp of this block's unit logits (and, STORE, the logits).
+    PASS 2: each unit's mass, sum over rows of exp(logit - lse of the row)."""
+    i_bh, i_n = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // HKV, i_bh % HKV
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < tl.load(n_valid)
+    o_d = tl.arange(0, D)
+    n_blocks = tl.num_programs(1)
+    b_mass = tl.zeros([BN], tl.float32)
+    for i_r in range(0, ROWS, BM):
+        o_r = i_r + tl.arange(0, BM)
+        m_r = o_r < ROWS
+        i_g, i_t = o_r // T, o_r % T
+        m_rn = m_r[:, None] & m_n[None, :]
+        p_logits = logits + (i_bh * ROWS + o_r[:, None]) * NCAP + o_n[None, :]
+        if PASS == 2 and STORE:
+            b_s = tl.load(p_logits, mask=m_rn, other=float("-inf"))
+        else:
+            p_q = q + i_b * stride_qb + (i_h * G + i_g)[:, None] * stride_qh
+            b_q = tl.load(p_q + i_t[:, None] * stride_qt + o_d[None, :], mask=m_r[:, None], other=0.0)
+            b_s = tl.full([BM, BN], float("-inf"), tl.float32)
+            p_rep = reps + i_b * stride_rb + i_h * stride_rh + o_n[:, None] * stride_rn + o_d[None, :]
+            for i_rep in tl.static_range(R):
+                if MINMAX:  # bounding boxes: R mins then R maxes
+                    b_lo = tl.load(p_rep + i_rep * D, mask=m_n[:, None], other=0.0)
+                    b_hi = tl.load(p_rep + (R + i_rep) * D, mask=m_n[:, None], other=0.0)
+                    b_qp = tl.maximum(b_q, 0.0).to(b_q.dtype)
+                    b_qn = tl.minimum(b_q, 0.0).to(b_q.dtype)
+                    if EXACT:
+                        b_x = tl.dot(b_qp, tl.trans(b_hi), input_precision="ieee")
+                        b_x += tl.dot(b_qn, tl.trans(b_lo), input_precision="ieee")
+                    else:
+                        b_x = tl.dot(b_qp, tl.trans(b_hi)) + tl.dot(b_qn, tl.trans(b_lo))
+                else:
+                    b_rep = tl.load(p_rep + i_rep * D, mask=m_n[:, None], other=0.0)
+                    if EXACT:
+                        b_x = tl.dot(b_q, tl.trans(b_rep), input_precision="ieee")
+                    else:
+                        b_x = tl.dot(b_q, tl.trans(b_rep))
+                b_s = tl.maximum(b_s, b_x)
+            b_s = tl.where(m_rn, b_s * scale, float("-inf"))
+        p_stats = (i_bh * n_blocks + i_n) * ROWS + o_r
+        if PASS == 1:
+            b_max = tl.max(b_s, 1)
+            b_safe = tl.where(b_max == float("-inf"), 0.0, b_max)
+            tl.store(stats_m + p_stats, b_max, mask=m_r)
+            tl.store(stats_l + p_stats, tl.sum(tl.exp(b_s - b_safe[:, None]), 1), mask=m_r)
+            if STORE:
+                tl.store(p_logits, b_s, mask=m_r[:, None] & (o_n[None, :] < NCAP))
+        else:
+            b_lse = tl.load(lse + i_bh * ROWS + o_r, mask=m_r, other=float("inf"))
+            b_mass += tl.sum(tl.exp(b_s - b_lse[:, None]), 0)
+    if PASS == 2:
+        tl.store(mass + i_bh * NCAP + o_n, tl.where(m_n, b_mass, -1.0), mask=o_n < NCAP)
+
+
+def unit_mass(
+    q: torch.Tensor,
+    reps: torch.Tensor,
+    *,
+    kind: str,
+    scale: float,
+    n_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Same signature and results as `reference.unit_mass`: two passes over the representatives
+    (softmax statistics, then mass); with few query rows the first pass keeps the logits so the
+    second does not read the representatives again."""
+    if kind not in ("dot", "minmax"):
+        raise ValueError(f"unknown unit score kind '{kind}'; expected 'dot' or 'minmax'")
+    batch, n_q_heads, n_queries, head_dim = q.shape
+    n_kv_heads, capacity, n_slots = reps.shape[1], reps.shape[2], reps.shape[3]
+    group = n_q_heads // n_kv_heads
+    if (reason := supports(q)) is not None:
+        raise ValueError(f"the Triton kernel cannot run this: {reason}")
+    if n_valid is None:
+        n_valid = torch.tensor([capacity], dtype=torch.int32, device=q.device)
+    q = _last_dim_dense(q)
+    if reps.stride(-1) != 1 or reps.stride(-2) != head_dim:
+        reps = reps.contiguous()
+    rows = group * n_queries
+    block_m = 16 if rows <= 16 else 64
+    block_n = 64 if head_dim <= 128 else 32
+    n_blocks = triton.cdiv(capacity, block_n)
+    store = rows <= 16
+    stats_m = triton_attention._alloc((batch * n_kv_heads, n_blocks, rows), q.device)
+    stats_l = triton_attention._alloc((batch * n_kv_heads, n_blocks, rows), q.device)
+    logits = triton_attention._alloc((batch * n_kv_heads, rows, capacity) if store else (1,), q.device)
+    mass = triton_attention._alloc((batch * n_kv_heads, capacity), q.device)
+    r = n_slots // 2 if kind == "minmax" else n_slots
+
+    def launch(pass_, lse):
+        unit_mass_kernel[(batch * n_kv_heads, n_blocks)](
+            q, reps, n_valid, stats_m, stats_l, lse, logits, mass,
+            scale,
+            q.stride(0), q.stride(1), q.stride(2),
+            reps.stride(0), reps.stride(1), reps.stride(2),
+            n_queries, n_kv_heads, rows, capacity,
+            G=group, D=head_dim, R=r, BM=block_m, BN=block_n,
+            PASS=pass_, MINMAX=kind == "minmax", STORE=store, EXACT=q.dtype == torch.float32,
+            num_warps=4,
+        )  # fmt: skip
+
+    launch(1, stats_m)  # lse is not read in pass 1
+    top = stats_m.amax(dim=1, keepdim=True)
+    top_safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    lse = top_safe[:, 0] + torch.log((stats_l * torch.exp(stats_m - top_safe)).sum(dim=1))
+    launch(2, lse.contiguous())
+    return mass.view(batch, n_kv_heads, capacity)

@@ -1,0 +1,70 @@
+"""Static decoding (fixed shapes, device-side counts: what a CUDA graph captures) gives the same
+logits as ordinary steps, across unit packing and a pool that fills and grows; on a GPU the same
+runs as a captured graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import agentmem
+from agentmem.generate import decode_one_token, prefill
+from agentmem.hf.graphs import StaticDecoder
+from tests.helpers import COMMON, VOCAB, build
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CONFIG = agentmem.MemoryConfig(n_init=4, unit_size=8, topk=2, n_local=24, exec_chunk=16)
+
+
+@pytest.mark.parametrize("position", ["infllm", "stacked"])
+@pytest.mark.parametrize("repr", ["attention", "mean"])
+def test_static_steps_equal_ordinary_steps(position, repr):
+    # No token twice: a first layer's pre-RoPE keys depend on the token alone, and two units with
+    # the same representative tie exactly, which top-k may break either way.
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**COMMON, "vocab_size": 1024})).to(DEVICE).eval()
+    agentmem.wrap(model, CONFIG)
+    config = CONFIG.model_copy(update={"position": position, "repr": repr})
+    tokens = torch.stack([torch.randperm(1021)[:180] + 3 for _ in range(2)]).to(DEVICE)
+    prompt, follow = tokens[:, :100], tokens[:, 100:]
+    ordinary, static = agentmem.new_cache(model, config), agentmem.new_cache(model, config)
+    prefill(model, ordinary, prompt, chunk=16)
+    prefill(model, static, prompt, chunk=16)
+    # unit_room=1: the pool fills within the 80 steps and must grow (capture again)
+    decoder = StaticDecoder(model, static, unit_room=1)
+    for token in follow.T:
+        want = decode_one_token(model, ordinary, token)
+        got = decoder.step(token)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert decoder.unit_room > 1
+    for a, b in zip(ordinary.memory_layers, static.memory_layers, strict=True):
+        assert a.seen == b.seen == 180 and a.n_local == b.n_local
+        assert a.units.n_units == b.units.n_units
+        torch.testing.assert_close(b.local_mass, a.local_mass, atol=1e-4, rtol=1e-4)
+        assert torch.equal(b.last_ids, a.last_ids)
+    decoder.close()
+    torch.testing.assert_close(  # ordinary steps again, from where static decoding left off
+        decode_one_token(model, static, follow[:, 0]),
+        decode_one_token(model, ordinary, follow[:, 0]), atol=1e-4, rtol=1e-4,
+    )  # fmt: skip
+
+
+def test_static_decoding_needs_a_steady_state():
+    model = build("llama").to(DEVICE)
+    agentmem.wrap(model, CONFIG)
+    cache = agentmem.new_cache(model)
+    prefill(model, cache, torch.randint(3, VOCAB, (1, 20), device=DEVICE), chunk=16)
+    with pytest.raises(ValueError, match="more than topk"):
+        StaticDecoder(model, cache)
+    streaming = agentmem.new_cache(model, agentmem.MemoryConfig.preset("streaming"))
+    with pytest.raises(ValueError, match="'infllm' or 'stacked'"):
+        StaticDecoder(model, streaming)
+
+
+def test_sliding_layers_are_refused():
+    model = build("gemma3").to(DEVICE)
+    agentmem.wrap(model, CONFIG)
+    with pytest.raises(ValueError, match="sliding-window"):
+        StaticDecoder(model, agentmem.new_cache(model))

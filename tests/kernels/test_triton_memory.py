@@ -1,0 +1,167 @@
+"""The Triton `memory_attention` and `unit_mass` kernels against their pure-torch references:
+sinks, units read through an index table, a local window shorter than its buffer (its length given
+as a device tensor), infllm and stacked positions, GQA, decode (split-K) and prefill row tiles,
+partial blocks, fp32 and fp16, scratch poisoned with NaN. The references are checked against
+first principles too. Runs in Triton's interpreter on the CPU and natively on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agentmem_kernels import reference
+
+triton_memory = pytest.importorskip("agentmem_kernels.triton_memory")
+from agentmem_kernels import triton_attention  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+UNIT = 16
+
+
+@pytest.fixture(autouse=True)
+def poisoned_scratch(monkeypatch):
+    def alloc(shape, device):
+        return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+
+    monkeypatch.setattr(triton_attention, "_alloc", alloc)
+
+
+def _table(n_positions: int, head_dim: int):
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.arange(n_positions, dtype=torch.float32)[:, None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(DEVICE), angles.sin().to(DEVICE)
+
+
+def _memory_case(n_queries, *, n_sinks=5, n_units=6, k=3, n_local=37, capacity=48,
+                 heads=(4, 2), head_dim=32, dtype=torch.float32, seed=0):  # fmt: skip
+    torch.manual_seed(seed)
+    n_q, n_kv = heads
+
+    def randn(*shape):
+        return torch.randn(*shape, dtype=dtype, device=DEVICE)
+
+    ids = torch.stack([torch.sort(torch.randperm(n_units)[:k]).values for _ in range(2 * n_kv)])
+    cos, sin = _table(256, head_dim)
+    return dict(
+        q=randn(2, n_q, n_queries, head_dim),
+        sink_k=randn(2, n_kv, n_sinks, head_dim) if n_sinks else None,
+        sink_v=randn(2, n_kv, n_sinks, head_dim) if n_sinks else None,
+        pool_k=randn(2, n_kv, n_units * UNIT, head_dim),
+        pool_v=randn(2, n_kv, n_units * UNIT, head_dim),
+        ids=ids.view(2, n_kv, k).to(DEVICE) if k else None,
+        unit_size=UNIT,
+        local_k=randn(2, n_kv, capacity, head_dim),
+        local_v=randn(2, n_kv, capacity, head_dim),
+        n_local=n_local,
+        cos=cos, sin=sin, scale=head_dim**-0.5, memory_q_pos=100,
+    )  # fmt: skip
+
+
+def _compare_memory(case, *, stacked=False, as_tensor=False):
+    want, want_lse = reference.memory_attention(**case, stacked=stacked)
+    if as_tensor:
+        case = {**case, "n_local": torch.tensor([case["n_local"]], device=DEVICE)}
+    got, got_lse = triton_memory.memory_attention(**case, stacked=stacked)
+    error = (got - want).norm() / want.norm()
+    bound = 2e-3 if case["q"].dtype == torch.float16 else 1e-5
+    assert error < bound, f"relative error {error:.2e}"
+    torch.testing.assert_close(got_lse, want_lse, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("stacked", [False, True])
+def test_decode_step(dtype, stacked):
+    _compare_memory(_memory_case(1, heads=(8, 2), dtype=dtype), stacked=stacked, as_tensor=True)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_prefill_chunk_over_several_row_tiles(stacked):
+    # 2 query heads per key head x 40 queries = 80 rows: two row tiles, causal inside the local part
+    _compare_memory(_memory_case(40, n_local=45, capacity=45, head_dim=64), stacked=stacked)
+
+
+def test_without_sinks_or_units():
+    _compare_memory(_memory_case(3, n_sinks=0, k=0))
+    _compare_memory(_memory_case(3, n_sinks=0, k=2))
+
+
+def test_reference_reads_the_units_the_index_table_names():
+    """Against first principles: the window written out, every key at its position by hand."""
+    case = _memory_case(2, n_sinks=3, k=2, n_local=9, capacity=12)
+    out, _ = reference.memory_attention(**case)
+    q, cos, sin = case["q"].float(), case["cos"], case["sin"]
+    for b in range(2):
+        for h in range(4):
+            kv = h // 2
+            ids = case["ids"][b, kv].tolist()
+            mem_k = torch.cat([case["sink_k"][b, kv]] + [
+                case["pool_k"][b, kv, i * UNIT : (i + 1) * UNIT] for i in ids
+            ])  # fmt: skip
+            mem_v = torch.cat([case["sink_v"][b, kv]] + [
+                case["pool_v"][b, kv, i * UNIT : (i + 1) * UNIT] for i in ids
+            ])  # fmt: skip
+            for t in range(2):
+                q_pos = 9 - 2 + t
+                q_mem = reference.rope(q[b, h, t], cos[100], sin[100])
+                q_loc = reference.rope(q[b, h, t], cos[q_pos], sin[q_pos])
+                local_k = reference.rope(case["local_k"][b, kv, : q_pos + 1], cos[: q_pos + 1],
+                                         sin[: q_pos + 1])  # fmt: skip
+                mem = reference.rope(mem_k, cos[0], sin[0])
+                logits = torch.cat((mem @ q_mem, local_k @ q_loc)) * case["scale"]
+                values = torch.cat((mem_v, case["local_v"][b, kv, : q_pos + 1]))
+                want = torch.softmax(logits, 0) @ values
+                torch.testing.assert_close(out[b, h, t], want, atol=1e-5, rtol=1e-5)
+
+
+def test_local_key_mass_matches_the_attention_weights():
+    case = _memory_case(4, n_local=20, capacity=24)
+    out, lse = reference.memory_attention(**case)
+    mass = reference.local_key_mass(
+        case["q"], case["local_k"], n_local=torch.tensor(20), lse=lse, cos=case["cos"],
+        sin=case["sin"], scale=case["scale"],
+    )  # fmt: skip
+    # The same keys through placed_attention, which reports the mass of keys from mass_from on.
+    n_memory = 5 + 3 * UNIT
+    mem_k = torch.cat((case["sink_k"], reference.gather_units(case["pool_k"], case["ids"], UNIT)), 2)
+    mem_v = torch.cat((case["sink_v"], reference.gather_units(case["pool_v"], case["ids"], UNIT)), 2)
+    k = torch.cat((mem_k, case["local_k"][:, :, :20]), 2)
+    v = torch.cat((mem_v, case["local_v"][:, :, :20]), 2)
+    k_pos = torch.cat((torch.zeros(n_memory, dtype=torch.long), torch.arange(20)))
+    k_abs = torch.cat((torch.full((n_memory,), -1), torch.arange(20)))
+    _, _, want = reference.placed_attention(
+        case["q"], k, v, q_pos=torch.stack((torch.full((4,), 100), torch.arange(16, 20))),
+        k_pos=k_pos.expand(2, 2, -1), q_abs=torch.arange(16, 20), k_abs=k_abs.expand(2, 2, -1),
+        parts=[(0, n_memory, 0, None), (n_memory, n_memory + 20, 0, None)], cos=case["cos"],
+        sin=case["sin"], scale=case["scale"], mass_from=n_memory,
+    )  # fmt: skip
+    torch.testing.assert_close(mass[..., :20], want, atol=1e-5, rtol=1e-5)
+    assert torch.all(mass[..., 20:] == 0)
+
+
+@pytest.mark.parametrize("kind", ["dot", "minmax"])
+@pytest.mark.parametrize("n_queries", [1, 30])  # logits kept between passes, or recomputed
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_unit_mass(kind, n_queries, dtype):
+    torch.manual_seed(3)
+    q = torch.randn(2, 4, n_queries, 32, dtype=dtype, device=DEVICE)
+    reps = torch.randn(2, 2, 75, 4, 32, dtype=dtype, device=DEVICE)  # 75 units: a partial block
+    if kind == "minmax":
+        reps = torch.cat((reps.amin(3, keepdim=True), reps.amax(3, keepdim=True)), dim=3)
+    n_valid = torch.tensor([70], dtype=torch.int32, device=DEVICE)  # the rest is spare capacity
+    got = triton_memory.unit_mass(q, reps, kind=kind, scale=0.3, n_valid=n_valid)
+    want = reference.unit_mass(q, reps, kind=kind, scale=0.3, n_valid=n_valid)
+    tolerance = 2e-3 if dtype == torch.float16 else 1e-5
+    torch.testing.assert_close(got, want, atol=tolerance * n_queries, rtol=tolerance)
+    assert torch.all(got[..., 70:] == -1)
+    if dtype == torch.float32:
+        assert torch.equal(reference.top_units(got, 5), reference.top_units(want, 5))
+
+
+def test_unit_mass_without_a_count_scores_every_unit():
+    torch.manual_seed(4)
+    q = torch.randn(1, 2, 1, 64, device=DEVICE)
+    reps = torch.randn(1, 1, 130, 1, 64, device=DEVICE)
+    got = triton_memory.unit_mass(q, reps, kind="dot", scale=0.125)
+    torch.testing.assert_close(got, reference.unit_mass(q, reps, kind="dot", scale=0.125))
+    torch.testing.assert_close(got.sum(-1), torch.full((1, 1), 2.0, device=DEVICE))  # 2 rows
