@@ -330,7 +330,8 @@ class MemoryLayer:
             raise RuntimeError("agentmem: static mode takes one token per step")
         n_local = self.counts[0:1]
         slot = n_local.long()
-        for part, new in zip(self.local, (k, v, torch.zeros(k.shape[:3], device=k.device))):
+        zeros = torch.zeros(k.shape[:3], device=k.device)
+        for part, new in zip(self.local, (k, v, zeros), strict=True):
             part.buffer.index_copy_(2, slot, new)
         n_local.add_(1)
         self.last_ids = self._retrieve(q, scale, n_units=self.counts[1:2])
@@ -349,7 +350,9 @@ class MemoryLayer:
 
     def nbytes(self) -> int:
         held = sum(part.nbytes() for part in self.local)
-        sinks = sum(t.numel() * t.element_size() for t in (self.sink_k, self.sink_v) if t is not None)
+        sinks = sum(
+            t.numel() * t.element_size() for t in (self.sink_k, self.sink_v) if t is not None
+        )
         return held + sinks + self.units.nbytes()
 
 

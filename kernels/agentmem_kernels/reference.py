@@ -343,7 +343,7 @@ def memory_attention(
     """A step's attention over `[sinks | units of the pool chosen by ids | local]`, one softmax.
 
     The InfLLM window read in place: units are addressed through the index table `ids`, never
-    copied, and the local window is the first `n_local` keys of its buffer, the step's own keys last.
+    copied, and the local window is the first `n_local` keys of its buffer, the step's keys last.
     Positions (keys rotated to them, pre-RoPE in storage):
       - local key j sits at j, the step's query t at `n_local - T + t`, and sees local keys <= it;
       - every memory key sits at 0 (InfLLM) or, `stacked`, a sink at its index and a unit's token

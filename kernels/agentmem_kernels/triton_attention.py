@@ -119,7 +119,9 @@ def placed_attention_fwd_kernel(
 
 
 def merge_splits(
-    acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor  # noqa: E741
+    acc: torch.Tensor,
+    m: torch.Tensor,
+    l: torch.Tensor,  # noqa: E741
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact log-sum-exp merge of split-K partials [S, ..., (D)]: out [..., D], lse [...].
     Rows that saw no key get out 0 and lse -inf."""

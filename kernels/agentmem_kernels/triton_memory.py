@@ -130,9 +130,7 @@ def memory_attention_fwd_kernel(
         )  # fmt: skip
     # Local window: true distances, causal; the queries are its last T keys.
     b_qpos = n - T + i_t
-    b_lq1, b_lq2 = _rotate(
-        b_q1, b_q2, tl.maximum(b_qpos, 0), cos, sin, stride_cn, HALF, dot_ty
-    )
+    b_lq1, b_lq2 = _rotate(b_q1, b_q2, tl.maximum(b_qpos, 0), cos, sin, stride_cn, HALF, dot_ty)
     per_split = tl.cdiv(tl.cdiv(n, BN), NSPLIT) * BN
     lo = i_s * per_split
     for i_k in range(lo, tl.minimum(lo + per_split, n), BN):
@@ -184,8 +182,14 @@ def memory_attention(
         n_local = torch.tensor([n_local], dtype=torch.int32, device=q.device)
     q, local_k, local_v = (_last_dim_dense(x) for x in (q, local_k, local_v))
     sink_k, sink_v = (local_k, local_v) if not n_sinks else map(_last_dim_dense, (sink_k, sink_v))
-    pool_k, pool_v = (local_k, local_v) if not n_unit_keys else map(_last_dim_dense, (pool_k, pool_v))
-    ids = torch.zeros(batch, n_kv_heads, 1, dtype=torch.int32, device=q.device) if ids is None else ids
+    pool_k, pool_v = (
+        (local_k, local_v) if not n_unit_keys else map(_last_dim_dense, (pool_k, pool_v))
+    )
+    ids = (
+        torch.zeros(batch, n_kv_heads, 1, dtype=torch.int32, device=q.device)
+        if ids is None
+        else ids
+    )
     ids = ids.to(torch.int32)
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
 
@@ -251,9 +255,13 @@ def unit_mass_kernel(
             b_s = tl.load(p_logits, mask=m_rn, other=float("-inf"))
         else:
             p_q = q + i_b * stride_qb + (i_h * G + i_g)[:, None] * stride_qh
-            b_q = tl.load(p_q + i_t[:, None] * stride_qt + o_d[None, :], mask=m_r[:, None], other=0.0)
+            b_q = tl.load(
+                p_q + i_t[:, None] * stride_qt + o_d[None, :], mask=m_r[:, None], other=0.0
+            )
             b_s = tl.full([BM, BN], float("-inf"), tl.float32)
-            p_rep = reps + i_b * stride_rb + i_h * stride_rh + o_n[:, None] * stride_rn + o_d[None, :]
+            p_rep = (
+                reps + i_b * stride_rb + i_h * stride_rh + o_n[:, None] * stride_rn + o_d[None, :]
+            )
             for i_rep in tl.static_range(R):
                 if MINMAX:  # bounding boxes: R mins then R maxes
                     b_lo = tl.load(p_rep + i_rep * D, mask=m_n[:, None], other=0.0)
@@ -318,7 +326,9 @@ def unit_mass(
     store = rows <= 16
     stats_m = triton_attention._alloc((batch * n_kv_heads, n_blocks, rows), q.device)
     stats_l = triton_attention._alloc((batch * n_kv_heads, n_blocks, rows), q.device)
-    logits = triton_attention._alloc((batch * n_kv_heads, rows, capacity) if store else (1,), q.device)
+    logits = triton_attention._alloc(
+        (batch * n_kv_heads, rows, capacity) if store else (1,), q.device
+    )
     mass = triton_attention._alloc((batch * n_kv_heads, capacity), q.device)
     r = n_slots // 2 if kind == "minmax" else n_slots
 

@@ -39,8 +39,12 @@ def test_triton_backend_matches_the_reference_in_a_model(restore_backends, posit
     from agentmem_kernels import triton_attention, triton_memory
 
     launches = []
-    for module, name in [(triton_attention, "placed_attention"),
-                         (triton_memory, "memory_attention"), (triton_memory, "unit_mass")]:  # fmt: skip
+    entries = [
+        (triton_attention, "placed_attention"),
+        (triton_memory, "memory_attention"),
+        (triton_memory, "unit_mass"),
+    ]
+    for module, name in entries:
         real = getattr(module, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):

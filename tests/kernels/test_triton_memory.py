@@ -123,8 +123,12 @@ def test_local_key_mass_matches_the_attention_weights():
     )  # fmt: skip
     # The same keys through placed_attention, which reports the mass of keys from mass_from on.
     n_memory = 5 + 3 * UNIT
-    mem_k = torch.cat((case["sink_k"], reference.gather_units(case["pool_k"], case["ids"], UNIT)), 2)
-    mem_v = torch.cat((case["sink_v"], reference.gather_units(case["pool_v"], case["ids"], UNIT)), 2)
+    mem_k = torch.cat(
+        (case["sink_k"], reference.gather_units(case["pool_k"], case["ids"], UNIT)), 2
+    )
+    mem_v = torch.cat(
+        (case["sink_v"], reference.gather_units(case["pool_v"], case["ids"], UNIT)), 2
+    )
     k = torch.cat((mem_k, case["local_k"][:, :, :20]), 2)
     v = torch.cat((mem_v, case["local_v"][:, :, :20]), 2)
     k_pos = torch.cat((torch.zeros(n_memory, dtype=torch.long), torch.arange(20)))
