@@ -14,6 +14,7 @@ from torch import nn
 
 from agentmem.hf.cache import AgentMemCache
 from agentmem.memory.layer import SlidingLayer
+from agentmem_kernels import capturable
 
 
 class StaticDecoder:
@@ -24,8 +25,8 @@ class StaticDecoder:
         cache: its memory, in a steady state (sinks full, more than topk units in every layer).
         unit_room: units each layer's pool takes before it must grow (and the step be captured
             again).
-        graph: capture a CUDA graph (default: on CUDA devices); off, the same fixed-shape step runs
-            eagerly (how it is tested on the CPU).
+        graph: capture a CUDA graph (default: where the kernels allow it, `capturable`); off, the
+            same fixed-shape step runs eagerly (how it runs on the CPU).
     """
 
     def __init__(
@@ -41,7 +42,7 @@ class StaticDecoder:
                 raise ValueError(problem)
         first = self.layers[0].local_k
         self.token = torch.zeros(first.shape[0], 1, dtype=torch.long, device=first.device)
-        self.use_graph = first.is_cuda if graph is None else graph
+        self.use_graph = capturable(first.device, first.shape[-1]) if graph is None else graph
         self.unit_room = unit_room
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None

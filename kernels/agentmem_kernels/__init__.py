@@ -32,6 +32,7 @@ __all__ = [
     "KeySegment",
     "attention",
     "backend",
+    "capturable",
     "gather_units",
     "local_key_mass",
     "memory_attention",
@@ -92,6 +93,16 @@ def unit_mass(q: torch.Tensor, reps: torch.Tensor, **kwargs) -> torch.Tensor:
 def score_units(q: torch.Tensor, reps: torch.Tensor, *, k: int, **kwargs) -> torch.Tensor:
     """See `reference.score_units`: `unit_mass` on the chosen backend, then the exact top-k."""
     return top_units(unit_mass(q, reps, **kwargs), k)
+
+
+def capturable(device: torch.device, head_dim: int) -> bool:
+    """Whether a memory step on this device reads nothing back to the host, so that a CUDA graph
+    can capture it: the Triton backend with a head size its kernels cover."""
+    if torch.device(device).type != "cuda" or backend(device) != "triton":
+        return False
+    from agentmem_kernels import triton_attention
+
+    return triton_attention.supports(torch.empty(0, head_dim)) is None
 
 
 _unsupported_logged: set[str] = set()

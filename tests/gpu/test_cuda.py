@@ -54,3 +54,63 @@ def test_bf16_is_as_close_to_fp32_as_transformers_is(family, config):
     plain_error = _relative_error(_logits(model, ids), exact)
     ours_error = _relative_error(_logits(model, ids, config), exact)
     assert ours_error <= 2 * plain_error + 1e-3, (ours_error, plain_error)
+
+
+def test_memory_kernels_in_bf16():
+    """The Triton window attention and unit scoring in bf16 against the fp32 reference on the same
+    bf16 inputs, at a decode step's and a prefill chunk's shapes."""
+    from agentmem_kernels import reference, triton_memory
+
+    torch.manual_seed(0)
+    head_dim, unit = 128, 64
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+
+    positions = torch.arange(4096, device="cuda")[:, None]
+    angles = positions / 10000 ** (torch.arange(0, head_dim, 2, device="cuda") / head_dim)
+    angles = torch.cat((angles, angles), dim=-1)
+    ids = torch.sort(torch.randperm(50, device="cuda")[:8]).values.expand(1, 8, -1)
+    window = dict(
+        sink_k=randn(1, 8, 64, head_dim), sink_v=randn(1, 8, 64, head_dim),
+        pool_k=randn(1, 8, 50 * unit, head_dim), pool_v=randn(1, 8, 50 * unit, head_dim),
+        ids=ids.contiguous(), unit_size=unit, local_k=randn(1, 8, 1000, head_dim),
+        local_v=randn(1, 8, 1000, head_dim), cos=angles.cos(), sin=angles.sin(),
+        scale=head_dim**-0.5, memory_q_pos=1000,
+    )  # fmt: skip
+    for n_queries, n_local in ((1, 777), (512, 1000)):
+        q = randn(1, 32, n_queries, head_dim)
+        n = torch.tensor([n_local], device="cuda", dtype=torch.int32)
+        got, _ = triton_memory.memory_attention(q, **window, n_local=n)
+        want, _ = reference.memory_attention(q, **window, n_local=n_local)
+        assert _relative_error(got, want) < 1e-2
+        reps = randn(1, 8, 300, 4, head_dim)
+        got = triton_memory.unit_mass(q, reps, kind="dot", scale=head_dim**-0.5)
+        want = reference.unit_mass(q, reps, kind="dot", scale=head_dim**-0.5)
+        assert _relative_error(got, want) < 1e-2
+
+
+def test_graph_decoding_in_bf16_follows_ordinary_steps():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from agentmem.generate import decode_one_token, prefill
+    from agentmem.hf.graphs import StaticDecoder
+    from tests.helpers import COMMON
+
+    torch.manual_seed(0)  # head_dim 32: the Triton kernels' smallest, so the step is captured
+    model = LlamaForCausalLM(LlamaConfig(**COMMON, head_dim=32)).to("cuda", torch.bfloat16)
+    config = agentmem.MemoryConfig(n_init=4, unit_size=16, topk=2, n_local=48, exec_chunk=32)
+    agentmem.wrap(model, config)
+    torch.manual_seed(0)
+    prompt = torch.randint(3, VOCAB, (1, 300), device="cuda")
+    ordinary, static = agentmem.new_cache(model), agentmem.new_cache(model)
+    prefill(model, ordinary, prompt, chunk=32)
+    prefill(model, static, prompt, chunk=32)
+    decoder = StaticDecoder(model, static)
+    assert decoder.graph is not None
+    token = prompt[:, -1]
+    for _ in range(40):  # across two packings
+        want = decode_one_token(model, ordinary, token)
+        got = decoder.step(token)
+        assert _relative_error(got, want) < 2e-2
+        token = want.argmax(-1)

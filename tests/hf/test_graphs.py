@@ -23,7 +23,8 @@ def test_static_steps_equal_ordinary_steps(position, repr):
     # No token twice: a first layer's pre-RoPE keys depend on the token alone, and two units with
     # the same representative tie exactly, which top-k may break either way.
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**{**COMMON, "vocab_size": 1024})).to(DEVICE).eval()
+    config = LlamaConfig(**{**COMMON, "vocab_size": 1024, "head_dim": 32})  # Triton-sized heads
+    model = LlamaForCausalLM(config).to(DEVICE).eval()
     agentmem.wrap(model, CONFIG)
     config = CONFIG.model_copy(update={"position": position, "repr": repr})
     tokens = torch.stack([torch.randperm(1021)[:180] + 3 for _ in range(2)]).to(DEVICE)

@@ -1,0 +1,453 @@
+"""agentmem at scale on one GPU, against full attention on the same model, in one run:
+
+- decode: milliseconds per token with 4K .. 1M tokens of memory, the whole model step replayed from
+  a CUDA graph (`StaticDecoder`; full attention: a static KV cache, the step captured the same way),
+  and one layer's attention + retrieval step on its own;
+- prefill: tokens per second at 32K .. 1M (agentmem in `exec_chunk` steps; full attention in one
+  causal flash-attention forward);
+- kernels: the attention kernel's TFLOP/s (a prefill chunk) and GB/s (a decode step) against SDPA
+  over the same number of keys, and against the GPU's measured matmul and copy ceilings; the
+  retrieval step's time per layer;
+- peak GPU memory against context length.
+
+Models are built from config with random bf16 weights (no download): Llama-3.2-1B and Llama-3.1-8B
+shapes. Memory for decode is filled with random keys and values (its prefill is measured apart).
+
+    python -m benchmarks.scale --shapes llama-3.2-1b --decode 4096,32768,131072,524288,1048576 \
+        --prefill 32768,131072,1048576 --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers.masking_utils import AttentionMaskInterface
+
+import agentmem
+from agentmem.generate import prefill
+from agentmem.hf.graphs import StaticDecoder
+from agentmem.memory.representatives import representatives
+from agentmem_kernels import memory_attention, top_units, unit_mass
+
+SHAPES = {
+    "llama-3.2-1b": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, tie_word_embeddings=True, rope_factor=32.0,
+    ),
+    "llama-3.1-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, tie_word_embeddings=False, rope_factor=8.0,
+    ),
+}  # fmt: skip
+BF16 = torch.bfloat16
+FULL = "agentmem_bench_full"  # full attention over the first `_full_keys` keys of a static cache
+_full_keys = 0
+
+
+def build_model(shape: str) -> LlamaForCausalLM:
+    sizes = dict(SHAPES[shape])
+    factor = sizes.pop("rope_factor")
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": factor,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}  # fmt: skip
+    config = LlamaConfig(
+        **sizes, vocab_size=128256, max_position_embeddings=131072, rope_parameters=rope
+    )
+    torch.set_default_dtype(BF16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return model
+
+
+def cuda_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+    """Median milliseconds of `repeats` calls, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def graphed(fn: Callable[[], object]) -> Callable[[], None]:
+    """`fn` captured in a CUDA graph (after a warm-up run on a side stream)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+# -- memory filled directly ---------------------------------------------------------------------
+
+
+def fill_memory(cache: agentmem.AgentMemCache, n_tokens: int, n_kv: int, head_dim: int) -> None:
+    """Every memory layer holding `n_tokens` random tokens: sinks, units (with representatives)
+    and a full local window, as a prefill of that length leaves them."""
+    for layer in cache.memory_layers:
+        cfg = layer.config
+        n_units = (n_tokens - cfg.n_init - cfg.n_local) // cfg.unit_size
+        layer.sink_k = torch.randn(1, n_kv, cfg.n_init, head_dim, device="cuda", dtype=BF16)
+        layer.sink_v = torch.randn_like(layer.sink_k)
+        layer.units.start = cfg.n_init
+        for first in range(0, n_units, 256):  # in slices: no full-size temporaries
+            count = min(256, n_units - first)
+            keys = torch.randn(1, n_kv, count * cfg.unit_size, head_dim, device="cuda", dtype=BF16)
+            mass = torch.rand(1, n_kv, count, cfg.unit_size, device="cuda")
+            reps = representatives(
+                keys.view(1, n_kv, count, cfg.unit_size, head_dim), mass, kind=cfg.repr,
+                r=cfg.repr_topk,
+            )  # fmt: skip
+            layer.units.add(keys, torch.randn_like(keys), reps)
+        local = torch.randn(1, n_kv, cfg.n_local, head_dim, device="cuda", dtype=BF16)
+        layer._append_local(local, torch.randn_like(local))
+        layer.seen = cfg.n_init + n_units * cfg.unit_size + cfg.n_local
+
+
+# -- decode -------------------------------------------------------------------------------------
+
+
+def decode_agentmem(model, memory, shape: str, n_tokens: int, steps: int) -> dict:
+    n_kv, head_dim = SHAPES[shape]["num_key_value_heads"], SHAPES[shape]["head_dim"]
+    torch.cuda.reset_peak_memory_stats()
+    cache = agentmem.new_cache(model, memory)
+    fill_memory(cache, n_tokens, n_kv, head_dim)
+    decoder = StaticDecoder(model, cache, unit_room=steps // memory.unit_size + 2)
+    token = torch.tensor([11], device="cuda")
+    for _ in range(3):
+        decoder.step(token)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):  # packing every unit_size steps included
+        decoder.step(token)
+    end.record()
+    end.synchronize()
+    row = {"decode_ms": start.elapsed_time(end) / steps}
+    # One layer's attention + retrieval step, captured on its own (counts reset every replay).
+    layer = cache.memory_layers[0]
+    n_q = SHAPES[shape]["num_attention_heads"]
+    q = torch.randn(1, n_q, 1, head_dim, device="cuda", dtype=BF16)
+    k = torch.randn(1, n_kv, 1, head_dim, device="cuda", dtype=BF16)
+    counts = layer.counts.clone()
+
+    def layer_step():
+        layer.counts.copy_(counts)
+        layer.store(k, k)
+        layer.attend(q, head_dim**-0.5)
+
+    def retrieve():
+        layer._retrieve(q, head_dim**-0.5, n_units=layer.counts[1:2])
+
+    row["layer_step_ms"] = cuda_ms(graphed(layer_step), 50)
+    row["retrieve_ms"] = cuda_ms(graphed(retrieve), 50)
+    row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    row["memory_gib"] = cache.nbytes() / 2**30
+    decoder.close()
+    return row
+
+
+def _full_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    out = F.scaled_dot_product_attention(
+        query, key[:, :, :_full_keys], value[:, :, :_full_keys], scale=scaling, enable_gqa=True
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def decode_full(model, shape: str, n_tokens: int) -> dict:
+    """Full attention over n_tokens cached keys plus the new one: a static cache, SDPA (flash),
+    the whole step in a CUDA graph."""
+    global _full_keys
+    torch.cuda.reset_peak_memory_stats()
+    with agentmem.unwrapped(model):
+        AttentionInterface.register(FULL, _full_attention)
+        AttentionMaskInterface.register(FULL, lambda *args, **kwargs: None)
+        original = model.config._attn_implementation
+        model.set_attn_implementation(FULL)
+        try:
+            cache = StaticCache(config=model.config, max_cache_len=n_tokens + 1)
+            token = torch.tensor([[11]], device="cuda")
+            position = torch.tensor([n_tokens], device="cuda")
+            _full_keys = n_tokens + 1
+
+            def step():
+                for layer in cache.layers:  # the same step every replay: write slot n_tokens
+                    if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
+                        layer.cumulative_length.fill_(n_tokens)
+                with torch.inference_mode():
+                    model(input_ids=token, past_key_values=cache, cache_position=position,
+                          use_cache=True, logits_to_keep=1)  # fmt: skip
+
+            with torch.inference_mode():  # creates the cache's tensors
+                model(input_ids=token, past_key_values=cache, cache_position=position * 0,
+                      use_cache=True, logits_to_keep=1)  # fmt: skip
+            for layer in cache.layers:
+                layer.keys.normal_()
+                layer.values.normal_()
+            ms = cuda_ms(graphed(step), 30)
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            cache = None  # free its memory before the next measurement
+        finally:
+            model.set_attn_implementation(original)
+    n_q, n_kv, head_dim = (SHAPES[shape][key] for key in
+                           ("num_attention_heads", "num_key_value_heads", "head_dim"))  # fmt: skip
+    q = torch.randn(1, n_q, 1, head_dim, device="cuda", dtype=BF16)
+    k = torch.randn(1, n_kv, n_tokens + 1, head_dim, device="cuda", dtype=BF16)
+    layer_ms = cuda_ms(lambda: F.scaled_dot_product_attention(q, k, k, enable_gqa=True), 30)
+    return {"full_decode_ms": ms, "full_layer_ms": layer_ms, "full_peak_gib": peak}
+
+
+# -- prefill ------------------------------------------------------------------------------------
+
+
+def prefill_agentmem(model, memory, n_tokens: int) -> dict:
+    torch.cuda.reset_peak_memory_stats()
+    cache = agentmem.new_cache(model, memory)
+    ids = torch.randint(10, 128000, (1, n_tokens), device="cuda")
+    torch.cuda.synchronize()
+    begin = time.perf_counter()
+    prefill(model, cache, ids, chunk=memory.exec_chunk, progress=False)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - begin
+    return {"prefill_tok_s": n_tokens / seconds, "prefill_peak_gib":
+            torch.cuda.max_memory_allocated() / 2**30}  # fmt: skip
+
+
+def prefill_full(model, n_tokens: int) -> dict:
+    torch.cuda.reset_peak_memory_stats()
+    ids = torch.randint(10, 128000, (1, n_tokens), device="cuda")
+    with agentmem.unwrapped(model), torch.inference_mode():
+        original = model.config._attn_implementation
+        model.set_attn_implementation("sdpa")  # causal, no mask: the flash kernel
+        try:
+            model(input_ids=ids[:, :1024], use_cache=False, logits_to_keep=1)  # warm-up
+            torch.cuda.synchronize()
+            begin = time.perf_counter()
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - begin
+        finally:
+            model.set_attn_implementation(original)
+    return {"full_prefill_tok_s": n_tokens / seconds, "full_prefill_peak_gib":
+            torch.cuda.max_memory_allocated() / 2**30}  # fmt: skip
+
+
+# -- kernels ------------------------------------------------------------------------------------
+
+
+def ceilings() -> dict:
+    a = torch.randn(8192, 8192, device="cuda", dtype=BF16)
+    matmul_ms = cuda_ms(lambda: a @ a, 20)
+    x = torch.empty(2**30 // 2, device="cuda", dtype=BF16)  # 1 GiB
+    y = torch.empty_like(x)
+    copy_ms = cuda_ms(lambda: y.copy_(x), 20)
+    return {"matmul_tflops": 2 * 8192**3 / matmul_ms / 1e9, "copy_gbs": 2 * 2**30 / copy_ms / 1e6}
+
+
+def kernel_efficiency(shape: str, memory: agentmem.MemoryConfig, rope_table) -> dict:
+    """memory_attention against SDPA on the same number of keys: a prefill chunk (TFLOP/s) and a
+    decode step (GB/s of keys and values read)."""
+    n_q, n_kv, head_dim = (SHAPES[shape][key] for key in
+                           ("num_attention_heads", "num_key_value_heads", "head_dim"))  # fmt: skip
+    cos, sin = rope_table
+    n_units = 1024
+
+    def randn(*size):
+        return torch.randn(*size, device="cuda", dtype=BF16)
+
+    pool_k, pool_v = randn(1, n_kv, n_units * memory.unit_size, head_dim), None
+    pool_v = torch.randn_like(pool_k)
+    ids = torch.sort(torch.randperm(n_units, device="cuda")[: memory.topk]).values
+    ids = ids.expand(1, n_kv, -1).contiguous()
+    sinks = randn(1, n_kv, memory.n_init, head_dim)
+    local = randn(1, n_kv, memory.n_local, head_dim)
+    n_keys = memory.n_init + memory.topk * memory.unit_size + memory.n_local
+    row = {}
+    for name, n_queries in (("prefill", memory.exec_chunk), ("decode", 1)):
+        q = randn(1, n_q, n_queries, head_dim)
+        ours = cuda_ms(lambda q=q: memory_attention(
+            q, sink_k=sinks, sink_v=sinks, pool_k=pool_k, pool_v=pool_v, ids=ids,
+            unit_size=memory.unit_size, local_k=local, local_v=local, n_local=memory.n_local,
+            cos=cos, sin=sin, scale=head_dim**-0.5, memory_q_pos=memory.n_local,
+        ), 30)  # fmt: skip
+        k = randn(1, n_kv, n_keys, head_dim)
+        sdpa = cuda_ms(
+            lambda q=q, k=k: F.scaled_dot_product_attention(q, k, k, enable_gqa=True), 30
+        )
+        flops = 4 * n_q * n_queries * n_keys * head_dim
+        read = 2 * n_kv * n_keys * head_dim * 2  # keys and values, bf16
+        row[f"{name}_ms"], row[f"{name}_sdpa_ms"] = ours, sdpa
+        row[f"{name}_tflops"], row[f"{name}_sdpa_tflops"] = flops / ours / 1e9, flops / sdpa / 1e9
+        row[f"{name}_gbs"], row[f"{name}_sdpa_gbs"] = read / ours / 1e6, read / sdpa / 1e6
+    row["keys"] = n_keys
+    return row
+
+
+def retrieval(shape: str, memory: agentmem.MemoryConfig, n_tokens: int) -> dict:
+    """unit_mass + exact top-k for one layer over n_tokens of memory, decode and prefill chunk."""
+    n_q, n_kv, head_dim = (SHAPES[shape][key] for key in
+                           ("num_attention_heads", "num_key_value_heads", "head_dim"))  # fmt: skip
+    n_units = (n_tokens - memory.n_init - memory.n_local) // memory.unit_size
+    reps = torch.randn(1, n_kv, n_units, memory.repr_topk, head_dim, device="cuda", dtype=BF16)
+    row = {}
+    for name, n_queries in (("decode", 1), ("prefill", memory.exec_chunk)):
+        q = torch.randn(1, n_q, n_queries, head_dim, device="cuda", dtype=BF16)
+        row[f"retrieve_{name}_ms"] = cuda_ms(lambda q=q: top_units(
+            unit_mass(q, reps, kind="dot", scale=head_dim**-0.5), memory.topk), 30)  # fmt: skip
+    return row
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for shape in sorted({r["shape"] for r in rows if "tokens" in r}):
+        decode = [r for r in rows if r.get("shape") == shape and r.get("kind") == "decode"]
+        for key, label in (("decode_ms", "agentmem"), ("full_decode_ms", "full attention")):
+            points = [(r["tokens"], r[key]) for r in decode if r.get(key) is not None]
+            if points:
+                axes[0].plot(*zip(*points, strict=True), marker="o", label=f"{shape} {label}")
+            mem_key = "peak_gib" if key == "decode_ms" else "full_peak_gib"
+            points = [(r["tokens"], r[mem_key]) for r in decode if r.get(mem_key) is not None]
+            if points:
+                axes[2].plot(*zip(*points, strict=True), marker="o", label=f"{shape} {label}")
+        fill = [r for r in rows if r.get("shape") == shape and r.get("kind") == "prefill"]
+        for key, label in (("prefill_tok_s", "agentmem"), ("full_prefill_tok_s", "full (flash)")):
+            points = [(r["tokens"], r[key]) for r in fill if r.get(key) is not None]
+            if points:
+                axes[1].plot(*zip(*points, strict=True), marker="o", label=f"{shape} {label}")
+    titles = ("decode, ms per token (CUDA graph)", "prefill, tokens/s", "peak GPU memory, GiB")
+    for ax, name in zip(axes, titles, strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens of context")
+        ax.set_title(name)
+        ax.legend(fontsize=7)
+    axes[2].set_yscale("log")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--decode", default="4096,32768,131072,524288,1048576")
+    parser.add_argument("--prefill", default="32768,131072,1048576")
+    parser.add_argument(
+        "--full-max-prefill",
+        type=int,
+        default=131072,
+        help="longest full-attention prefill (its time grows quadratically)",
+    )
+    parser.add_argument("--preset", default="4k")
+    parser.add_argument("--steps", type=int, default=256, help="decode steps timed per size")
+    parser.add_argument("--tag", default="h100")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)  # fmt: skip
+    if not torch.cuda.is_available():
+        parser.error("this benchmark needs a CUDA GPU")
+    memory = agentmem.MemoryConfig.preset(args.preset)
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / f"scale_{args.tag}.json"
+    rows: list[dict] = [{"kind": "gpu", "name": torch.cuda.get_device_name(), **ceilings()}]
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        json_path.write_text(json.dumps(rows, indent=1))
+
+    record(rows.pop())
+    sizes = [int(s) for s in args.decode.split(",") if s]
+    lengths = [int(s) for s in args.prefill.split(",") if s]
+    for shape in args.shapes.split(","):
+        model = agentmem.wrap(build_model(shape), memory)
+        rope_module = model._agentmem.rotary
+        table = rope_module(torch.empty(0, device="cuda"), torch.arange(8192, device="cuda")[None])
+        record({"kind": "kernel", "shape": shape,
+                **kernel_efficiency(shape, memory, (table[0][0], table[1][0]))})  # fmt: skip
+        for n_tokens in sizes:
+            row = {"kind": "decode", "shape": shape, "tokens": n_tokens}
+            for measure, *arguments in (
+                (decode_agentmem, model, memory, shape, n_tokens, args.steps),
+                (decode_full, model, shape, n_tokens),
+                (retrieval, shape, memory, n_tokens),
+            ):
+                try:
+                    row.update(measure(*arguments))
+                except torch.OutOfMemoryError as error:
+                    row.setdefault("oom", []).append(str(error).split(".")[0])
+                torch.cuda.empty_cache()
+            record(row)
+        for n_tokens in lengths:
+            row = {"kind": "prefill", "shape": shape, "tokens": n_tokens}
+            try:
+                row.update(prefill_agentmem(model, memory, n_tokens))
+                if n_tokens <= args.full_max_prefill:
+                    row.update(prefill_full(model, n_tokens))
+            except torch.OutOfMemoryError as error:
+                row["oom"] = str(error).split(".")[0]
+            torch.cuda.empty_cache()
+            record(row)
+        model = None
+        torch.cuda.empty_cache()
+    plot(rows, args.out / f"scale_{args.tag}.png", f"{rows[0]['name']}, preset {args.preset}")
+    print_table(rows)
+    return 0
+
+
+def print_table(rows: list[dict]) -> None:
+    def fmt(value, spec=".3f"):
+        return "-" if value is None else format(value, spec)
+
+    gpu = rows[0]
+    print(
+        f"{gpu['name']}: matmul {gpu['matmul_tflops']:.0f} TFLOP/s, copy {gpu['copy_gbs']:.0f} GB/s"
+    )
+    print(f"{'shape':<13} {'tokens':>8} {'ms/token':>9} {'full':>8} {'layer ms':>9} "
+          f"{'full layer':>10} {'retrieve':>9} {'peak GiB':>9} {'full GiB':>9}")  # fmt: skip
+    for r in rows:
+        if r["kind"] == "decode":
+            print(f"{r['shape']:<13} {r['tokens']:>8} {fmt(r.get('decode_ms')):>9} "
+                  f"{fmt(r.get('full_decode_ms')):>8} {fmt(r.get('layer_step_ms')):>9} "
+                  f"{fmt(r.get('full_layer_ms')):>10} {fmt(r.get('retrieve_decode_ms')):>9} "
+                  f"{fmt(r.get('peak_gib'), '.1f'):>9} "
+                  f"{fmt(r.get('full_peak_gib'), '.1f'):>9}")  # fmt: skip
+    for r in rows:
+        if r["kind"] == "prefill":
+            print(f"prefill {r['shape']:<13} {r['tokens']:>8}: agentmem "
+                  f"{fmt(r.get('prefill_tok_s'), '.0f')} tok/s, full "
+                  f"{fmt(r.get('full_prefill_tok_s'), '.0f')} tok/s")  # fmt: skip
+        if r["kind"] == "kernel":
+            print(f"kernel {r['shape']} ({r['keys']} keys): prefill {r['prefill_tflops']:.0f} "
+                  f"TFLOP/s vs SDPA {r['prefill_sdpa_tflops']:.0f}; decode {r['decode_gbs']:.0f} "
+                  f"GB/s vs SDPA {r['decode_sdpa_gbs']:.0f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())
