@@ -22,7 +22,7 @@ class StaticDecoder:
 
     Args:
         model: the wrapped model the cache belongs to.
-        cache: its memory, in a steady state (sinks full, more than topk units in every layer).
+        cache: its memory, in a steady state (sinks full, at least topk units in every layer).
         unit_room: units each layer's pool takes before it must grow (and the step be captured
             again).
         graph: capture a CUDA graph (default: where the kernels allow it, `capturable`); off, the

@@ -70,6 +70,9 @@ class MemoryLayer:
         self.sink_v: torch.Tensor | None = None
         self.units = UnitStore(config.unit_size)
         self.local = (GrowingTensor(), GrowingTensor(), GrowingTensor())  # keys, values, mass
+        # infllm/stacked: the local keys also kept rotated to their place in the window (key j at
+        # position j), so that the kernel reads them as they are; redone when packing shifts them.
+        self.local_rotated = GrowingTensor()
         self.dropped = 0  # tokens discarded (streaming)
         self.last_ids: torch.Tensor | None = None  # [B, Hkv, k] units retrieved by the last step
         self.pending = _PendingKV()
@@ -108,14 +111,28 @@ class MemoryLayer:
         return self.config.position in ("infllm", "stacked")
 
     def _append_local(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        first = self.n_local
         self.local[0].append(k)
         self.local[1].append(v)
         self.local[2].append(torch.zeros(k.shape[:3], device=k.device))
         self.seen += k.shape[2]
+        if self.reads_in_place:
+            cos, sin = self._table(self.n_local, k.device)
+            self.local_rotated.append(rope(k.float(), cos[first:], sin[first:]).to(k.dtype))
 
     def _pop_local(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Remove and return the oldest n local tokens (keys, values, mass)."""
-        return tuple(part.pop_front(n) for part in self.local)
+        popped = tuple(part.pop_front(n) for part in self.local)
+        if self.reads_in_place:  # every remaining key moved n places down
+            cos, sin = self._table(self.n_local, popped[0].device)
+            self.local_rotated.length = 0
+            self.local_rotated.append(rope(self.local_k.float(), cos, sin).to(self.local_k.dtype))
+        return popped
+
+    def _table(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 cos, sin [n, D] of positions 0..n-1 (a view of the cached table)."""
+        cos, sin = self.rotary.table(n, torch.float32, device)
+        return cos[:n], sin[:n]
 
     def _make_room(self, incoming: int) -> None:
         """Move the oldest local tokens to sinks, units (or nowhere, streaming) so that the
@@ -197,22 +214,24 @@ class MemoryLayer:
         cfg = self.config
         span = 1 if cfg.position == "infllm" else max(cfg.unit_size, cfg.n_init)
         cos, sin = self.rotary.table(
-            max(cfg.n_local + span, self.local[0].capacity), q.dtype, q.device
+            max(cfg.n_local + span, self.local[0].capacity), torch.float32, q.device
         )
-        local_k, local_v, local_mass = (part.buffer for part in self.local)
         out, lse = memory_attention(
             q, sink_k=self.sink_k, sink_v=self.sink_v,
             pool_k=self.units.keys.buffer, pool_v=self.units.values.buffer, ids=ids,
-            unit_size=cfg.unit_size, local_k=local_k, local_v=local_v, n_local=n_local,
-            cos=cos, sin=sin, scale=scale, memory_q_pos=cfg.n_local + span - 1,
-            stacked=cfg.position == "stacked",
+            unit_size=cfg.unit_size, local_k=self.local_rotated.buffer,
+            local_v=self.local[1].buffer, n_local=n_local, cos=cos, sin=sin, scale=scale,
+            memory_q_pos=cfg.n_local + span - 1,
+            stacked=cfg.position == "stacked", local_rotated=True,
         )  # fmt: skip
         if cfg.retrieves and cfg.repr == "attention":
+            local_k, local_mass = self.local_rotated.buffer, self.local[2].buffer
             if isinstance(n_local, int):  # the filled part only
                 local_k, local_mass = local_k[:, :, :n_local], local_mass[:, :, :n_local]
             local_mass += local_key_mass(
-                q, local_k, n_local=n_local, lse=lse, cos=cos, sin=sin, scale=scale
-            )
+                q, local_k, n_local=n_local, lse=lse, cos=cos, sin=sin, scale=scale,
+                local_rotated=True,
+            )  # fmt: skip
         return out
 
     def _window(self, q: torch.Tensor, ids: torch.Tensor | None) -> Window:
@@ -273,9 +292,9 @@ class MemoryLayer:
         cfg = self.config
         if not self.reads_in_place or not cfg.retrieves:
             return f"static decoding needs position 'infllm' or 'stacked', not '{cfg.position}'"
-        if self.n_sinks < cfg.n_init or self.units.n_units <= cfg.topk:
+        if self.n_sinks < cfg.n_init or self.units.n_units < cfg.topk:
             return (
-                f"static decoding starts once the memory holds {cfg.n_init} sinks and more than "
+                f"static decoding starts once the memory holds {cfg.n_init} sinks and at least "
                 f"topk={cfg.topk} units; this layer has {self.n_sinks} and {self.units.n_units}"
             )
         return None
@@ -286,7 +305,7 @@ class MemoryLayer:
         cfg = self.config
         if (problem := self.static_problem()) is not None:
             raise ValueError(problem)
-        for part in self.local:
+        for part in (*self.local, self.local_rotated):
             part.reserve(cfg.n_local)
         for part in (self.units.keys, self.units.values):
             part.reserve(unit_capacity * cfg.unit_size)
@@ -314,7 +333,7 @@ class MemoryLayer:
 
     def after_static_step(self) -> None:
         """The host's record of what a replayed step did: one token more in the local window."""
-        for part in self.local:
+        for part in (*self.local, self.local_rotated):
             part.length += 1
         self.seen += 1
 
@@ -330,8 +349,11 @@ class MemoryLayer:
             raise RuntimeError("agentmem: static mode takes one token per step")
         n_local = self.counts[0:1]
         slot = n_local.long()
+        cos, sin = self._table(self.local[0].capacity, k.device)
+        rotated = rope(k.float(), cos.index_select(0, slot), sin.index_select(0, slot)).to(k.dtype)
         zeros = torch.zeros(k.shape[:3], device=k.device)
-        for part, new in zip(self.local, (k, v, zeros), strict=True):
+        parts = (*self.local, self.local_rotated)
+        for part, new in zip(parts, (k, v, zeros, rotated), strict=True):
             part.buffer.index_copy_(2, slot, new)
         n_local.add_(1)
         self.last_ids = self._retrieve(q, scale, n_units=self.counts[1:2])
@@ -349,7 +371,7 @@ class MemoryLayer:
         return spans
 
     def nbytes(self) -> int:
-        held = sum(part.nbytes() for part in self.local)
+        held = sum(part.nbytes() for part in (*self.local, self.local_rotated))
         sinks = sum(
             t.numel() * t.element_size() for t in (self.sink_k, self.sink_v) if t is not None
         )

@@ -339,6 +339,7 @@ def memory_attention(
     scale: float,
     memory_q_pos: int,
     stacked: bool = False,
+    local_rotated: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A step's attention over `[sinks | units of the pool chosen by ids | local]`, one softmax.
 
@@ -356,10 +357,13 @@ def memory_attention(
         local_k, local_v: [B, Hkv, C, D] buffers whose first `n_local` keys are the local window.
         n_local: int, or an int tensor of one element (read on the device by the kernel).
         cos, sin: [N, D] tables of the model's rotary module.
+        local_rotated: the local keys are stored already rotated to their positions j.
     Returns:
         out [B, Hq, T, D] fp32, lse [B, Hq, T] fp32.
     """
     n = int(n_local)
+    if local_rotated:  # rotate back by -j: the computation below rotates them again
+        local_k = rope(local_k[:, :, :n].float(), cos[:n].float(), -sin[:n].float())
     n_queries = q.shape[2]
     device = q.device
     mem_k, mem_v, mem_pos = [], [], []
@@ -399,6 +403,7 @@ def local_key_mass(
     cos: torch.Tensor,
     sin: torch.Tensor,
     scale: float,
+    local_rotated: bool = False,
 ) -> torch.Tensor:
     """Attention each local key received in `memory_attention` (positions as there), from its lse,
     summed over the step's queries and the key head's query heads: [B, Hkv, C] fp32, 0 past
@@ -409,7 +414,9 @@ def local_key_mass(
     q_pos = (n - n_queries + torch.arange(n_queries, device=q.device)).clamp(min=0)
     k_pos = torch.arange(capacity, device=q.device)
     queries = rope(q.float(), cos[q_pos].float(), sin[q_pos].float())
-    keys = rope(local_k.float(), cos[:capacity].float(), sin[:capacity].float())
+    keys = local_k.float()
+    if not local_rotated:
+        keys = rope(keys, cos[:capacity].float(), sin[:capacity].float())
     queries = queries.view(batch, n_kv_heads, n_q_heads // n_kv_heads, n_queries, -1)
     logits = torch.einsum("bhgtd,bhkd->bhgtk", queries, keys) * scale
     visible = k_pos <= q_pos[:, None]  # [T, C]; also keeps keys past n_local out

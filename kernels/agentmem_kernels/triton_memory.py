@@ -16,35 +16,44 @@ import triton.language as tl
 from agentmem_kernels import triton_attention
 from agentmem_kernels.triton_attention import merge_splits, supports
 
+LOG2E = 1.4426950408889634
+LOG2E_C = tl.constexpr(LOG2E)
+
+
+@triton.jit
+def _rotated(x, p_x, b_pos, m_x, cos, sin, stride_cn, D: tl.constexpr):
+    """Rows `x` [R, D] (loaded from row pointers p_x [R]) rotated to positions b_pos [R], in
+    transformers' half-split convention: x * cos + rotate_half(x) * sin, in fp32."""
+    o_d = tl.arange(0, D)
+    o_swap = (o_d + D // 2) % D
+    sign = tl.where(o_d < D // 2, -1.0, 1.0)
+    b_swap = tl.load(p_x[:, None] + o_swap[None, :], mask=m_x[:, None], other=0.0).to(tl.float32)
+    p_c = b_pos[:, None] * stride_cn + o_d[None, :]
+    return x.to(tl.float32) * tl.load(cos + p_c) + b_swap * sign[None, :] * tl.load(sin + p_c)
+
 
 @triton.jit
 def _attend_block(
-    b_q1, b_q2, p_k, p_v, m_k, b_kpos, m_vis, cos, sin, stride_cn, b_m, b_l, b_acc, scale,
-    HALF: tl.constexpr, D: tl.constexpr, EXACT: tl.constexpr,
+    b_q, p_k, p_v, m_k, b_kpos, m_vis, cos, sin, stride_cn, b_m, b_l, b_acc, qk_scale,
+    D: tl.constexpr, ROTATE: tl.constexpr, EXACT: tl.constexpr,
 ):  # fmt: skip
-    """One block of keys into the online softmax. p_k, p_v: [BN] row pointers; b_q1, b_q2: the
-    rotated query halves [BM, HALF]; m_vis [BM, BN]: which key each row sees."""
-    o_half = tl.arange(0, HALF)
+    """One block of keys into the online softmax (base-2 logits). b_q [BM, D]: rotated queries;
+    p_k, p_v [BN]: row pointers; m_vis [BM, BN]: which key each row sees; ROTATE: rotate the keys
+    to b_kpos here (else they are stored rotated, or sit at position 0)."""
     o_d = tl.arange(0, D)
-    b_k1 = tl.load(p_k[:, None] + o_half[None, :], mask=m_k[:, None], other=0.0).to(tl.float32)
-    b_k2 = tl.load(p_k[:, None] + HALF + o_half[None, :], mask=m_k[:, None], other=0.0).to(
-        tl.float32
-    )
-    p_c = b_kpos[:, None] * stride_cn + o_half[None, :]
-    b_c1, b_c2 = tl.load(cos + p_c), tl.load(cos + p_c + HALF)
-    b_s1, b_s2 = tl.load(sin + p_c), tl.load(sin + p_c + HALF)
-    b_kr1 = (b_k1 * b_c1 - b_k2 * b_s1).to(b_q1.dtype)
-    b_kr2 = (b_k2 * b_c2 + b_k1 * b_s2).to(b_q1.dtype)
+    b_k = tl.load(p_k[:, None] + o_d[None, :], mask=m_k[:, None], other=0.0)
+    if ROTATE:
+        b_k = _rotated(b_k, p_k, b_kpos, m_k, cos, sin, stride_cn, D)
+    b_k = b_k.to(b_q.dtype)
     if EXACT:  # fp32 inputs: full-precision products, not tf32
-        b_s = tl.dot(b_q1, tl.trans(b_kr1), input_precision="ieee")
-        b_s += tl.dot(b_q2, tl.trans(b_kr2), input_precision="ieee")
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
     else:
-        b_s = tl.dot(b_q1, tl.trans(b_kr1)) + tl.dot(b_q2, tl.trans(b_kr2))
-    b_s = tl.where(m_vis & m_k[None, :], b_s * scale, float("-inf"))
+        b_s = tl.dot(b_q, tl.trans(b_k))
+    b_s = tl.where(m_vis & m_k[None, :], b_s * qk_scale, float("-inf"))
     b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
     b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # rows that saw nothing yet
-    b_alpha = tl.exp(b_m - b_m_safe)
-    b_p = tl.exp(b_s - b_m_safe[:, None])
+    b_alpha = tl.exp2(b_m - b_m_safe)
+    b_p = tl.exp2(b_s - b_m_safe[:, None])
     b_l = b_l * b_alpha + tl.sum(b_p, 1)
     b_v = tl.load(p_v[:, None] + o_d[None, :], mask=m_k[:, None], other=0.0)
     if EXACT:
@@ -55,20 +64,10 @@ def _attend_block(
 
 
 @triton.jit
-def _rotate(b_q1, b_q2, b_pos, cos, sin, stride_cn, HALF: tl.constexpr, dot_ty):
-    """Query halves [BM, HALF] rotated to positions b_pos [BM]."""
-    o_half = tl.arange(0, HALF)
-    p_c = b_pos[:, None] * stride_cn + o_half[None, :]
-    b_c1, b_c2 = tl.load(cos + p_c), tl.load(cos + p_c + HALF)
-    b_s1, b_s2 = tl.load(sin + p_c), tl.load(sin + p_c + HALF)
-    return (b_q1 * b_c1 - b_q2 * b_s1).to(dot_ty), (b_q2 * b_c2 + b_q1 * b_s2).to(dot_ty)
-
-
-@triton.jit
 def memory_attention_fwd_kernel(
     q, sink_k, sink_v, pool_k, pool_v, ids, local_k, local_v, n_local, cos, sin,
     acc_out, m_out, l_out,
-    scale,
+    qk_scale,
     stride_qb, stride_qh, stride_qt,
     stride_sb, stride_sh, stride_sk,
     stride_pb, stride_ph, stride_pk,
@@ -76,31 +75,29 @@ def memory_attention_fwd_kernel(
     stride_lb, stride_lh, stride_lk,
     stride_cn,
     T, HKV, ROWS, N_SINKS, N_UNIT_KEYS, MEM_Q_POS,
-    G: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, U: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, U: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, NSPLIT: tl.constexpr,
-    STACKED: tl.constexpr, EXACT: tl.constexpr,
+    STACKED: tl.constexpr, ROTATE_LOCAL: tl.constexpr, EXACT: tl.constexpr,
 ):  # fmt: skip
     i_bh, i_m, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // HKV, i_bh % HKV
     o_r = i_m * BM + tl.arange(0, BM)  # rows: g * T + t
     m_r = o_r < G * T
     i_g, i_t = o_r // T, o_r % T
-    o_half = tl.arange(0, HALF)
+    o_d = tl.arange(0, D)
     dot_ty = q.dtype.element_ty
     n = tl.load(n_local)
 
-    p_q = q + i_b * stride_qb + (i_h * G + i_g)[:, None] * stride_qh + i_t[:, None] * stride_qt
-    b_q1 = tl.load(p_q + o_half[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
-    b_q2 = tl.load(p_q + HALF + o_half[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
+    p_q = q + i_b * stride_qb + (i_h * G + i_g) * stride_qh + i_t * stride_qt  # [BM]
+    b_q = tl.load(p_q[:, None] + o_d[None, :], mask=m_r[:, None], other=0.0)
     b_m = tl.full([BM], float("-inf"), tl.float32)
     b_l = tl.zeros([BM], tl.float32)
     b_acc = tl.zeros([BM, D], tl.float32)
 
-    # Memory: every query sees every key, from one position.
-    b_mq1, b_mq2 = _rotate(
-        b_q1, b_q2, tl.zeros([BM], tl.int32) + MEM_Q_POS, cos, sin, stride_cn, HALF, dot_ty
-    )
-    # sinks
+    # Memory: every query sees every key, from one position. InfLLM puts every memory key at 0
+    # (no rotation: cos 1, sin 0); stacked puts sinks at their index, unit tokens at their offset.
+    b_mq = _rotated(b_q, p_q, tl.zeros([BM], tl.int32) + MEM_Q_POS, m_r, cos, sin, stride_cn, D)
+    b_mq = b_mq.to(dot_ty)
     per_split = tl.cdiv(tl.cdiv(N_SINKS, BN), NSPLIT) * BN
     lo = i_s * per_split
     for i_k in range(lo, tl.minimum(lo + per_split, N_SINKS), BN):
@@ -108,29 +105,26 @@ def memory_attention_fwd_kernel(
         m_k = o_k < N_SINKS
         p_k = sink_k + i_b * stride_sb + i_h * stride_sh + o_k * stride_sk
         p_v = sink_v + i_b * stride_sb + i_h * stride_sh + o_k * stride_sk
-        b_pos = o_k * STACKED  # stacked: a sink at its index; infllm: every memory key at 0
         b_m, b_l, b_acc = _attend_block(
-            b_mq1, b_mq2, p_k, p_v, m_k, b_pos, m_r[:, None], cos, sin, stride_cn,
-            b_m, b_l, b_acc, scale, HALF, D, EXACT,
+            b_mq, p_k, p_v, m_k, o_k, m_r[:, None], cos, sin, stride_cn,
+            b_m, b_l, b_acc, qk_scale, D, STACKED, EXACT,
         )  # fmt: skip
-    # units, read through the index table
     per_split = tl.cdiv(tl.cdiv(N_UNIT_KEYS, BN), NSPLIT) * BN
     lo = i_s * per_split
     for i_k in range(lo, tl.minimum(lo + per_split, N_UNIT_KEYS), BN):
         o_k = i_k + tl.arange(0, BN)
         m_k = o_k < N_UNIT_KEYS
         b_id = tl.load(ids + i_b * stride_ib + i_h * stride_ih + o_k // U, mask=m_k, other=0)
-        o_row = b_id.to(tl.int64) * U + o_k % U
+        o_row = b_id.to(tl.int64) * U + o_k % U  # the unit's row in the pool
         p_k = pool_k + i_b * stride_pb + i_h * stride_ph + o_row * stride_pk
         p_v = pool_v + i_b * stride_pb + i_h * stride_ph + o_row * stride_pk
-        b_pos = (o_k % U) * STACKED  # stacked: a token at its offset in the unit
         b_m, b_l, b_acc = _attend_block(
-            b_mq1, b_mq2, p_k, p_v, m_k, b_pos, m_r[:, None], cos, sin, stride_cn,
-            b_m, b_l, b_acc, scale, HALF, D, EXACT,
+            b_mq, p_k, p_v, m_k, o_k % U, m_r[:, None], cos, sin, stride_cn,
+            b_m, b_l, b_acc, qk_scale, D, STACKED, EXACT,
         )  # fmt: skip
     # Local window: true distances, causal; the queries are its last T keys.
-    b_qpos = n - T + i_t
-    b_lq1, b_lq2 = _rotate(b_q1, b_q2, tl.maximum(b_qpos, 0), cos, sin, stride_cn, HALF, dot_ty)
+    b_qpos = tl.maximum(n - T + i_t, 0)
+    b_lq = _rotated(b_q, p_q, b_qpos, m_r, cos, sin, stride_cn, D).to(dot_ty)
     per_split = tl.cdiv(tl.cdiv(n, BN), NSPLIT) * BN
     lo = i_s * per_split
     for i_k in range(lo, tl.minimum(lo + per_split, n), BN):
@@ -140,14 +134,23 @@ def memory_attention_fwd_kernel(
         p_v = local_v + i_b * stride_lb + i_h * stride_lh + o_k * stride_lk
         m_vis = (o_k[None, :] <= b_qpos[:, None]) & m_r[:, None]
         b_m, b_l, b_acc = _attend_block(
-            b_lq1, b_lq2, p_k, p_v, m_k, o_k, m_vis, cos, sin, stride_cn,
-            b_m, b_l, b_acc, scale, HALF, D, EXACT,
+            b_lq, p_k, p_v, m_k, o_k, m_vis, cos, sin, stride_cn,
+            b_m, b_l, b_acc, qk_scale, D, ROTATE_LOCAL, EXACT,
         )  # fmt: skip
 
     o_out = (i_s * tl.num_programs(0) + i_bh) * ROWS + o_r
-    tl.store(acc_out + o_out[:, None] * D + tl.arange(0, D)[None, :], b_acc, mask=m_r[:, None])
-    tl.store(m_out + o_out, b_m, mask=m_r)
+    tl.store(acc_out + o_out[:, None] * D + o_d[None, :], b_acc, mask=m_r[:, None])
+    tl.store(m_out + o_out, b_m / LOG2E_C, mask=m_r)  # back to natural-log units
     tl.store(l_out + o_out, b_l, mask=m_r)
+
+
+def _launch_config(rows: int, head_dim: int) -> dict:
+    """Block sizes by rows (decode: few) and head size (shared memory)."""
+    if rows <= 16:
+        return dict(BM=16, BN=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
+    if head_dim <= 128:
+        return dict(BM=128, BN=64, num_warps=8, num_stages=2 if head_dim == 128 else 3)
+    return dict(BM=64, BN=32, num_warps=4, num_stages=1)
 
 
 def memory_attention(
@@ -167,6 +170,7 @@ def memory_attention(
     scale: float,
     memory_q_pos: int,
     stacked: bool = False,
+    local_rotated: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same signature and results as `reference.memory_attention`."""
     batch, n_q_heads, n_queries, head_dim = q.shape
@@ -181,30 +185,29 @@ def memory_attention(
     if not isinstance(n_local, torch.Tensor):
         n_local = torch.tensor([n_local], dtype=torch.int32, device=q.device)
     q, local_k, local_v = (_last_dim_dense(x) for x in (q, local_k, local_v))
-    sink_k, sink_v = (local_k, local_v) if not n_sinks else map(_last_dim_dense, (sink_k, sink_v))
-    pool_k, pool_v = (
-        (local_k, local_v) if not n_unit_keys else map(_last_dim_dense, (pool_k, pool_v))
-    )
-    ids = (
-        torch.zeros(batch, n_kv_heads, 1, dtype=torch.int32, device=q.device)
-        if ids is None
-        else ids
-    )
-    ids = ids.to(torch.int32)
-    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    if n_sinks:
+        sink_k, sink_v = _last_dim_dense(sink_k), _last_dim_dense(sink_v)
+    else:
+        sink_k, sink_v = local_k, local_v  # never read
+    if n_unit_keys:
+        pool_k, pool_v = _last_dim_dense(pool_k), _last_dim_dense(pool_v)
+    else:
+        pool_k, pool_v, ids = local_k, local_v, n_local.view(1, 1, 1)  # never read
+    cos, sin = (x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+                for x in (cos, sin))  # fmt: skip
 
     rows = group * n_queries
-    block_m = 16 if rows <= 16 else 64
-    block_n = 64 if head_dim <= 128 else 32
-    row_tiles = triton.cdiv(rows, block_m)
+    launch = _launch_config(rows, head_dim)
+    row_tiles = triton.cdiv(rows, launch["BM"])
     n_keys = n_sinks + n_unit_keys + capacity
-    splits = 1 if row_tiles > 1 else max(1, min(32, n_keys // (4 * block_n)))
+    # Decode has few rows: split the window so that every multiprocessor gets work.
+    splits = 1 if row_tiles > 1 else max(1, min(32, n_keys // (4 * launch["BN"])))
     shape = (splits, batch * n_kv_heads, rows)
     acc = triton_attention._alloc((*shape, head_dim), q.device)
     m, l = triton_attention._alloc(shape, q.device), triton_attention._alloc(shape, q.device)  # noqa: E741
     memory_attention_fwd_kernel[(batch * n_kv_heads, row_tiles, splits)](
         q, sink_k, sink_v, pool_k, pool_v, ids, local_k, local_v, n_local, cos, sin, acc, m, l,
-        scale,
+        scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         sink_k.stride(0), sink_k.stride(1), sink_k.stride(2),
         pool_k.stride(0), pool_k.stride(1), pool_k.stride(2),
@@ -212,10 +215,8 @@ def memory_attention(
         local_k.stride(0), local_k.stride(1), local_k.stride(2),
         cos.stride(0),
         n_queries, n_kv_heads, rows, n_sinks, n_unit_keys, memory_q_pos,
-        G=group, D=head_dim, HALF=head_dim // 2, U=unit_size,
-        BM=block_m, BN=block_n, NSPLIT=splits, STACKED=stacked,
-        EXACT=q.dtype == torch.float32,
-        num_warps=4,
+        G=group, D=head_dim, U=unit_size, NSPLIT=splits, STACKED=stacked,
+        ROTATE_LOCAL=not local_rotated, EXACT=q.dtype == torch.float32, **launch,
     )  # fmt: skip
     out, lse = merge_splits(acc, m, l)
     out = out.view(batch, n_kv_heads, group, n_queries, head_dim).reshape(q.shape)

@@ -56,7 +56,7 @@ def test_static_decoding_needs_a_steady_state():
     agentmem.wrap(model, CONFIG)
     cache = agentmem.new_cache(model)
     prefill(model, cache, torch.randint(3, VOCAB, (1, 20), device=DEVICE), chunk=16)
-    with pytest.raises(ValueError, match="more than topk"):
+    with pytest.raises(ValueError, match="at least topk"):
         StaticDecoder(model, cache)
     streaming = agentmem.new_cache(model, agentmem.MemoryConfig.preset("streaming"))
     with pytest.raises(ValueError, match="'infllm' or 'stacked'"):

@@ -77,8 +77,32 @@ def test_decode_step(dtype, stacked):
 
 @pytest.mark.parametrize("stacked", [False, True])
 def test_prefill_chunk_over_several_row_tiles(stacked):
-    # 2 query heads per key head x 40 queries = 80 rows: two row tiles, causal inside the local part
-    _compare_memory(_memory_case(40, n_local=45, capacity=45, head_dim=64), stacked=stacked)
+    # 2 query heads per key head x 80 queries = 160 rows: two row tiles, causal in the local part
+    _compare_memory(_memory_case(80, n_local=85, capacity=90, head_dim=64), stacked=stacked)
+
+
+@pytest.mark.parametrize("n_queries", [1, 12])
+def test_local_keys_stored_rotated(n_queries):
+    """Keys kept rotated to their local positions give what pre-RoPE keys give."""
+    case = _memory_case(n_queries, heads=(8, 2))
+    want, want_lse = reference.memory_attention(**case)
+    cos, sin = case["cos"], case["sin"]
+    capacity = case["local_k"].shape[2]
+    rotated = reference.rope(case["local_k"], cos[:capacity], sin[:capacity])
+    case = {**case, "local_k": rotated, "local_rotated": True}
+    for implementation in (reference.memory_attention, triton_memory.memory_attention):
+        got, got_lse = implementation(**case)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got_lse, want_lse, atol=1e-5, rtol=1e-5)
+    mass = reference.local_key_mass(
+        case["q"], rotated, n_local=case["n_local"], lse=want_lse, cos=cos, sin=sin,
+        scale=case["scale"], local_rotated=True,
+    )  # fmt: skip
+    want_mass = reference.local_key_mass(
+        case["q"], _memory_case(n_queries, heads=(8, 2))["local_k"], n_local=case["n_local"],
+        lse=want_lse, cos=cos, sin=sin, scale=case["scale"],
+    )  # fmt: skip
+    torch.testing.assert_close(mass, want_mass, atol=1e-5, rtol=1e-5)
 
 
 def test_without_sinks_or_units():
