@@ -275,25 +275,29 @@ def kernel_efficiency(shape: str, memory: agentmem.MemoryConfig, rope_table) -> 
     def randn(*size):
         return torch.randn(*size, device="cuda", dtype=BF16)
 
-    pool_k, pool_v = randn(1, n_kv, n_units * memory.unit_size, head_dim), None
+    pool_k = randn(1, n_kv, n_units * memory.unit_size, head_dim)
     pool_v = torch.randn_like(pool_k)
     ids = torch.sort(torch.randperm(n_units, device="cuda")[: memory.topk]).values
     ids = ids.expand(1, n_kv, -1).contiguous()
     sinks = randn(1, n_kv, memory.n_init, head_dim)
     local = randn(1, n_kv, memory.n_local, head_dim)
     n_keys = memory.n_init + memory.topk * memory.unit_size + memory.n_local
+    n_local = torch.tensor([memory.n_local], device="cuda", dtype=torch.int32)
     row = {}
     for name, n_queries in (("prefill", memory.exec_chunk), ("decode", 1)):
         q = randn(1, n_q, n_queries, head_dim)
-        ours = cuda_ms(lambda q=q: memory_attention(
-            q, sink_k=sinks, sink_v=sinks, pool_k=pool_k, pool_v=pool_v, ids=ids,
-            unit_size=memory.unit_size, local_k=local, local_v=local, n_local=memory.n_local,
-            cos=cos, sin=sin, scale=head_dim**-0.5, memory_q_pos=memory.n_local,
-        ), 30)  # fmt: skip
         k = randn(1, n_kv, n_keys, head_dim)
-        sdpa = cuda_ms(
-            lambda q=q, k=k: F.scaled_dot_product_attention(q, k, k, enable_gqa=True), 30
-        )
+        ours = cuda_ms(graphed(lambda q=q: memory_attention(
+            q, sink_k=sinks, sink_v=sinks, pool_k=pool_k, pool_v=pool_v, ids=ids,
+            unit_size=memory.unit_size, local_k=local, local_v=local, n_local=n_local,
+            cos=cos, sin=sin, scale=head_dim**-0.5, memory_q_pos=memory.n_local,
+            local_rotated=True,
+        )), 50)  # fmt: skip
+
+        def sdpa_step(q=q, k=k):
+            return F.scaled_dot_product_attention(q, k, k, enable_gqa=True)
+
+        sdpa = cuda_ms(graphed(sdpa_step), 50)
         flops = 4 * n_q * n_queries * n_keys * head_dim
         read = 2 * n_kv * n_keys * head_dim * 2  # keys and values, bf16
         row[f"{name}_ms"], row[f"{name}_sdpa_ms"] = ours, sdpa
@@ -309,11 +313,13 @@ def retrieval(shape: str, memory: agentmem.MemoryConfig, n_tokens: int) -> dict:
                            ("num_attention_heads", "num_key_value_heads", "head_dim"))  # fmt: skip
     n_units = (n_tokens - memory.n_init - memory.n_local) // memory.unit_size
     reps = torch.randn(1, n_kv, n_units, memory.repr_topk, head_dim, device="cuda", dtype=BF16)
+    n_valid = torch.tensor([n_units], device="cuda", dtype=torch.int32)
     row = {}
     for name, n_queries in (("decode", 1), ("prefill", memory.exec_chunk)):
         q = torch.randn(1, n_q, n_queries, head_dim, device="cuda", dtype=BF16)
-        row[f"retrieve_{name}_ms"] = cuda_ms(lambda q=q: top_units(
-            unit_mass(q, reps, kind="dot", scale=head_dim**-0.5), memory.topk), 30)  # fmt: skip
+        row[f"retrieve_{name}_ms"] = cuda_ms(graphed(lambda q=q: top_units(
+            unit_mass(q, reps, kind="dot", scale=head_dim**-0.5, n_valid=n_valid), memory.topk
+        )), 30)  # fmt: skip
     return row
 
 
@@ -388,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     for shape in args.shapes.split(","):
         model = agentmem.wrap(build_model(shape), memory)
         rope_module = model._agentmem.rotary
+        # fp32 tables, as MemoryLayer passes them
         table = rope_module(torch.empty(0, device="cuda"), torch.arange(8192, device="cuda")[None])
         record({"kind": "kernel", "shape": shape,
                 **kernel_efficiency(shape, memory, (table[0][0], table[1][0]))})  # fmt: skip

@@ -342,7 +342,7 @@ def unit_mass(
             n_queries, n_kv_heads, rows, capacity,
             G=group, D=head_dim, R=r, BM=block_m, BN=block_n,
             PASS=pass_, MINMAX=kind == "minmax", STORE=store, EXACT=q.dtype == torch.float32,
-            num_warps=4,
+            num_warps=4, num_stages=3 if head_dim <= 64 else 2 if head_dim <= 128 else 1,
         )  # fmt: skip
 
     launch(1, stats_m)  # lse is not read in pass 1
