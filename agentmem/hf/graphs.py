@@ -48,9 +48,11 @@ class StaticDecoder:
         self.logits: torch.Tensor | None = None
         self._start()
 
+    @torch.inference_mode()
     def _start(self) -> None:
         for layer in self.layers:
             layer.start_static(layer.units.n_units + self.unit_room)
+            layer.before_static_step()  # a full local window is packed before the first capture
         if self.use_graph:
             self._capture()
 
