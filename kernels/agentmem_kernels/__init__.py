@@ -1,9 +1,9 @@
 """agentmem's attention and retrieval kernels.
 
 `reference` holds the exact pure-torch implementation of every entry point; it runs on any device
-and is what the Triton kernels are tested against. `placed_attention`, `memory_attention` and
-`unit_mass` (hence `score_units`) have Triton kernels: the backend is chosen once per device type
-(Triton on CUDA, the reference elsewhere), logged, and can be forced with
+and is what the Triton kernels are tested against. `placed_attention`, `memory_attention`,
+`local_key_mass` and `unit_mass` (hence `score_units`) have Triton kernels: the backend is chosen
+once per device type (Triton on CUDA, the reference elsewhere), logged, and can be forced with
 `AGENTMEM_KERNELS=reference|triton` or `use_backend`.
 """
 
@@ -20,7 +20,6 @@ from agentmem_kernels.reference import (
     KeySegment,
     attention,
     gather_units,
-    local_key_mass,
     merge,
     rope,
     segment_attention,
@@ -85,6 +84,11 @@ def memory_attention(q: torch.Tensor, **kwargs):
     return _implementation("memory_attention", q)(q, **kwargs)
 
 
+def local_key_mass(q: torch.Tensor, local_k: torch.Tensor, **kwargs) -> torch.Tensor:
+    """See `reference.local_key_mass`; runs on the backend chosen for q's device."""
+    return _implementation("local_key_mass", q)(q, local_k, **kwargs)
+
+
 def unit_mass(q: torch.Tensor, reps: torch.Tensor, **kwargs) -> torch.Tensor:
     """See `reference.unit_mass`; runs on the backend chosen for q's device."""
     return _implementation("unit_mass", q)(q, reps, **kwargs)
@@ -110,6 +114,7 @@ _TRITON_MODULES = {
     "placed_attention": "triton_attention",
     "memory_attention": "triton_memory",
     "unit_mass": "triton_memory",
+    "local_key_mass": "triton_memory",
 }
 
 

@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from agentmem_kernels import triton_attention
-from agentmem_kernels.triton_attention import merge_splits, supports
+from agentmem_kernels import reference, triton_attention
+from agentmem_kernels.triton_attention import supports
 
 LOG2E = 1.4426950408889634
 LOG2E_C = tl.constexpr(LOG2E)
@@ -127,7 +127,8 @@ def memory_attention_fwd_kernel(
     b_lq = _rotated(b_q, p_q, b_qpos, m_r, cos, sin, stride_cn, D).to(dot_ty)
     per_split = tl.cdiv(tl.cdiv(n, BN), NSPLIT) * BN
     lo = i_s * per_split
-    for i_k in range(lo, tl.minimum(lo + per_split, n), BN):
+    hi = tl.minimum(lo + per_split, tl.max(tl.where(m_r, b_qpos, 0)) + 1)  # causal: no key past
+    for i_k in range(lo, hi, BN):
         o_k = i_k + tl.arange(0, BN)
         m_k = o_k < n
         p_k = local_k + i_b * stride_lb + i_h * stride_lh + o_k * stride_lk
@@ -138,10 +139,48 @@ def memory_attention_fwd_kernel(
             b_m, b_l, b_acc, qk_scale, D, ROTATE_LOCAL, EXACT,
         )  # fmt: skip
 
-    o_out = (i_s * tl.num_programs(0) + i_bh) * ROWS + o_r
-    tl.store(acc_out + o_out[:, None] * D + o_d[None, :], b_acc, mask=m_r[:, None])
-    tl.store(m_out + o_out, b_m / LOG2E_C, mask=m_r)  # back to natural-log units
-    tl.store(l_out + o_out, b_l, mask=m_r)
+    _store_rows(acc_out, m_out, l_out, (i_s * tl.num_programs(0) + i_bh) * ROWS + o_r, m_r,
+                b_acc, b_m, b_l, D, NSPLIT == 1)  # fmt: skip
+
+
+@triton.jit
+def _store_rows(acc_out, m_out, l_out, o_out, m_r, b_acc, b_m, b_l, D: tl.constexpr,
+                FINAL: tl.constexpr):  # fmt: skip
+    """FINAL: the normalised output and lse (natural log; rows that saw nothing: 0 and -inf).
+    Otherwise this split's partials (accumulator, base-2 max, sum) for `merge_splits_kernel`."""
+    o_d = tl.arange(0, D)
+    if FINAL:
+        b_seen = b_l > 0
+        b_out = b_acc / tl.where(b_seen, b_l, 1.0)[:, None]
+        b_lse = tl.where(b_seen, (b_m + tl.log2(tl.where(b_seen, b_l, 1.0))) / LOG2E_C,
+                         float("-inf"))  # fmt: skip
+        tl.store(acc_out + o_out[:, None] * D + o_d[None, :], b_out, mask=m_r[:, None])
+        tl.store(m_out + o_out, b_lse, mask=m_r)
+    else:
+        tl.store(acc_out + o_out[:, None] * D + o_d[None, :], b_acc, mask=m_r[:, None])
+        tl.store(m_out + o_out, b_m, mask=m_r)
+        tl.store(l_out + o_out, b_l, mask=m_r)
+
+
+@triton.jit
+def merge_splits_kernel(acc, maxes, sums, out, lse, N_ROWS, D: tl.constexpr, NSPLIT: tl.constexpr,
+                        BR: tl.constexpr):  # fmt: skip
+    """Exact merge of split-K partials [NSPLIT, N_ROWS(, D)] into out [N_ROWS, D], lse."""
+    o_r = tl.program_id(0) * BR + tl.arange(0, BR)
+    m_r = o_r < N_ROWS
+    o_d = tl.arange(0, D)
+    b_m = tl.full([BR], float("-inf"), tl.float32)
+    for i_s in tl.static_range(NSPLIT):
+        b_m = tl.maximum(b_m, tl.load(maxes + i_s * N_ROWS + o_r, mask=m_r, other=float("-inf")))
+    b_safe = tl.where(b_m == float("-inf"), 0.0, b_m)
+    b_l = tl.zeros([BR], tl.float32)
+    b_acc = tl.zeros([BR, D], tl.float32)
+    for i_s in tl.static_range(NSPLIT):
+        b_w = tl.exp2(tl.load(maxes + i_s * N_ROWS + o_r, mask=m_r, other=float("-inf")) - b_safe)
+        b_l += b_w * tl.load(sums + i_s * N_ROWS + o_r, mask=m_r, other=0.0)
+        p_acc = acc + (i_s * N_ROWS + o_r)[:, None] * D + o_d[None, :]
+        b_acc += b_w[:, None] * tl.load(p_acc, mask=m_r[:, None], other=0.0)
+    _store_rows(out, lse, lse, o_r, m_r, b_acc, b_safe, b_l, D, True)
 
 
 def _launch_config(rows: int, head_dim: int) -> dict:
@@ -202,9 +241,14 @@ def memory_attention(
     n_keys = n_sinks + n_unit_keys + capacity
     # Decode has few rows: split the window so that every multiprocessor gets work.
     splits = 1 if row_tiles > 1 else max(1, min(32, n_keys // (4 * launch["BN"])))
-    shape = (splits, batch * n_kv_heads, rows)
-    acc = triton_attention._alloc((*shape, head_dim), q.device)
-    m, l = triton_attention._alloc(shape, q.device), triton_attention._alloc(shape, q.device)  # noqa: E741
+    n_rows = batch * n_kv_heads * rows
+    out = triton_attention._alloc((n_rows, head_dim), q.device)
+    lse = triton_attention._alloc((n_rows,), q.device)
+    if splits == 1:  # the kernel writes the result itself
+        acc, m, l = out, lse, lse  # noqa: E741
+    else:
+        acc = triton_attention._alloc((splits, n_rows, head_dim), q.device)
+        m, l = (triton_attention._alloc((splits, n_rows), q.device) for _ in range(2))  # noqa: E741
     memory_attention_fwd_kernel[(batch * n_kv_heads, row_tiles, splits)](
         q, sink_k, sink_v, pool_k, pool_v, ids, local_k, local_v, n_local, cos, sin, acc, m, l,
         scale * LOG2E,
@@ -218,8 +262,12 @@ def memory_attention(
         G=group, D=head_dim, U=unit_size, NSPLIT=splits, STACKED=stacked,
         ROTATE_LOCAL=not local_rotated, EXACT=q.dtype == torch.float32, **launch,
     )  # fmt: skip
-    out, lse = merge_splits(acc, m, l)
-    out = out.view(batch, n_kv_heads, group, n_queries, head_dim).reshape(q.shape)
+    if splits > 1:
+        merge_splits_kernel[(triton.cdiv(n_rows, 16),)](
+            acc, m, l, out, lse, n_rows, D=head_dim, NSPLIT=splits, BR=16, num_warps=4
+        )
+    # rows are (g, t) per key head: [B, Hq, T, D] without a copy
+    out = out.view(batch, n_kv_heads, group, n_queries, head_dim).view(q.shape)
     return out, lse.view(batch, n_q_heads, n_queries)
 
 
@@ -291,7 +339,20 @@ def unit_mass_kernel(
             if STORE:
                 tl.store(p_logits, b_s, mask=m_r[:, None] & (o_n[None, :] < NCAP))
         else:
-            b_lse = tl.load(lse + i_bh * ROWS + o_r, mask=m_r, other=float("inf"))
+            if STORE:  # few rows: each program combines the rows' statistics itself
+                b_top = tl.full([BM], float("-inf"), tl.float32)
+                for i_blk in range(0, n_blocks):
+                    p_blk = (i_bh * n_blocks + i_blk) * ROWS + o_r
+                    b_top = tl.maximum(b_top, tl.load(stats_m + p_blk, mask=m_r, other=0.0))
+                b_top = tl.where(b_top == float("-inf"), 0.0, b_top)
+                b_sum = tl.zeros([BM], tl.float32)
+                for i_blk in range(0, n_blocks):
+                    p_blk = (i_bh * n_blocks + i_blk) * ROWS + o_r
+                    b_blk_m = tl.load(stats_m + p_blk, mask=m_r, other=float("-inf"))
+                    b_sum += tl.load(stats_l + p_blk, mask=m_r, other=0.0) * tl.exp(b_blk_m - b_top)
+                b_lse = tl.where(m_r, b_top + tl.log(tl.where(m_r, b_sum, 1.0)), float("inf"))
+            else:
+                b_lse = tl.load(lse + i_bh * ROWS + o_r, mask=m_r, other=float("inf"))
             b_mass += tl.sum(tl.exp(b_s - b_lse[:, None]), 0)
     if PASS == 2:
         tl.store(mass + i_bh * NCAP + o_n, tl.where(m_n, b_mass, -1.0), mask=o_n < NCAP)
@@ -346,8 +407,92 @@ def unit_mass(
         )  # fmt: skip
 
     launch(1, stats_m)  # lse is not read in pass 1
+    if store:
+        launch(2, stats_m)  # lse combined inside
+        return mass.view(batch, n_kv_heads, capacity)
     top = stats_m.amax(dim=1, keepdim=True)
     top_safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     lse = top_safe[:, 0] + torch.log((stats_l * torch.exp(stats_m - top_safe)).sum(dim=1))
     launch(2, lse.contiguous())
     return mass.view(batch, n_kv_heads, capacity)
+
+
+@triton.jit
+def local_key_mass_kernel(
+    q, local_k, n_local, lse, cos, sin, mass,
+    qk_scale,
+    stride_qb, stride_qh, stride_qt,
+    stride_lb, stride_lh, stride_lk,
+    stride_mb, stride_mh,
+    stride_cn,
+    T, HKV, ROWS, CAPACITY,
+    G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, EXACT: tl.constexpr,
+):  # fmt: skip
+    """Each program owns a block of local keys (stored rotated) and sums, over every row of its
+    key head, the probability the row gave each key: exp(logit - lse of the row)."""
+    i_bh, i_n = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // HKV, i_bh % HKV
+    n = tl.load(n_local)
+    o_k = i_n * BN + tl.arange(0, BN)
+    m_k = o_k < n
+    o_d = tl.arange(0, D)
+    p_k = local_k + i_b * stride_lb + i_h * stride_lh + o_k * stride_lk
+    b_k = tl.load(p_k[:, None] + o_d[None, :], mask=m_k[:, None], other=0.0)
+    b_mass = tl.zeros([BN], tl.float32)
+    for i_r in range(0, ROWS, BM):
+        o_r = i_r + tl.arange(0, BM)
+        m_r = o_r < ROWS
+        i_g, i_t = o_r // T, o_r % T
+        b_qpos = tl.maximum(n - T + i_t, 0)
+        p_q = q + i_b * stride_qb + (i_h * G + i_g) * stride_qh + i_t * stride_qt
+        b_q = tl.load(p_q[:, None] + o_d[None, :], mask=m_r[:, None], other=0.0)
+        b_q = _rotated(b_q, p_q, b_qpos, m_r, cos, sin, stride_cn, D).to(b_k.dtype)
+        if EXACT:
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+        else:
+            b_s = tl.dot(b_q, tl.trans(b_k))
+        b_lse = tl.load(lse + i_bh * ROWS + o_r, mask=m_r, other=float("inf"))
+        m_vis = m_r[:, None] & m_k[None, :] & (o_k[None, :] <= b_qpos[:, None])
+        b_p = tl.exp2(b_s * qk_scale - b_lse[:, None] * LOG2E_C)
+        b_mass += tl.sum(tl.where(m_vis, b_p, 0.0), 0)
+    tl.store(mass + i_b * stride_mb + i_h * stride_mh + o_k, b_mass, mask=o_k < CAPACITY)
+
+
+def local_key_mass(
+    q: torch.Tensor,
+    local_k: torch.Tensor,
+    *,
+    n_local: int | torch.Tensor,
+    lse: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    scale: float,
+    local_rotated: bool = False,
+) -> torch.Tensor:
+    """Same signature and results as `reference.local_key_mass`."""
+    batch, n_q_heads, n_queries, head_dim = q.shape
+    n_kv_heads, capacity = local_k.shape[1], local_k.shape[2]
+    if (reason := supports(q)) is not None:
+        raise ValueError(f"the Triton kernel cannot run this: {reason}")
+    if not isinstance(n_local, torch.Tensor):
+        n_local = torch.tensor([n_local], dtype=torch.int32, device=q.device)
+    cos, sin = (x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+                for x in (cos, sin))  # fmt: skip
+    if not local_rotated:
+        local_k = reference.rope(local_k.float(), cos[:capacity], sin[:capacity]).to(local_k.dtype)
+    q, local_k = _last_dim_dense(q), _last_dim_dense(local_k)
+    rows = (n_q_heads // n_kv_heads) * n_queries
+    mass = torch.empty(batch, n_kv_heads, capacity, dtype=torch.float32, device=q.device)
+    block_n = 64 if head_dim <= 128 else 32
+    local_key_mass_kernel[(batch * n_kv_heads, triton.cdiv(capacity, block_n))](
+        q, local_k, n_local, lse.contiguous(), cos, sin, mass,
+        scale * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        local_k.stride(0), local_k.stride(1), local_k.stride(2),
+        mass.stride(0), mass.stride(1),
+        cos.stride(0),
+        n_queries, n_kv_heads, rows, capacity,
+        G=n_q_heads // n_kv_heads, D=head_dim, BM=16 if rows <= 16 else 64, BN=block_n,
+        EXACT=q.dtype == torch.float32, num_warps=4,
+    )  # fmt: skip
+    return mass

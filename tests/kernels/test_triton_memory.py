@@ -167,6 +167,26 @@ def test_local_key_mass_matches_the_attention_weights():
     assert torch.all(mass[..., 20:] == 0)
 
 
+@pytest.mark.parametrize("n_queries", [1, 12])
+@pytest.mark.parametrize("rotated", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_local_key_mass(n_queries, rotated, dtype):
+    case = _memory_case(n_queries, heads=(4, 2), n_local=70, capacity=90, dtype=dtype)
+    _, lse = reference.memory_attention(**case)
+    local_k = case["local_k"]
+    if rotated:
+        local_k = reference.rope(local_k.float(), case["cos"][:90], case["sin"][:90]).to(dtype)
+    args = dict(
+        n_local=torch.tensor([70], device=DEVICE), lse=lse, cos=case["cos"], sin=case["sin"],
+        scale=case["scale"], local_rotated=rotated,
+    )  # fmt: skip
+    got = triton_memory.local_key_mass(case["q"], local_k, **args)
+    want = reference.local_key_mass(case["q"], local_k, **args)
+    tolerance = 2e-3 if dtype == torch.float16 else 1e-5
+    torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
+    assert torch.all(got[..., 70:] == 0)
+
+
 @pytest.mark.parametrize("kind", ["dot", "minmax"])
 @pytest.mark.parametrize("n_queries", [1, 30])  # logits kept between passes, or recomputed
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
