@@ -101,6 +101,7 @@ def graphed(fn: Callable[[], object]) -> Callable[[], None]:
 # -- memory filled directly ---------------------------------------------------------------------
 
 
+@torch.inference_mode()
 def fill_memory(cache: agentmem.AgentMemCache, n_tokens: int, n_kv: int, head_dim: int) -> None:
     """Every memory layer holding `n_tokens` random tokens: sinks, units (with representatives)
     and a full local window, as a prefill of that length leaves them."""
@@ -127,6 +128,7 @@ def fill_memory(cache: agentmem.AgentMemCache, n_tokens: int, n_kv: int, head_di
 # -- decode -------------------------------------------------------------------------------------
 
 
+@torch.inference_mode()
 def decode_agentmem(model, memory, shape: str, n_tokens: int, steps: int) -> dict:
     n_kv, head_dim = SHAPES[shape]["num_key_value_heads"], SHAPES[shape]["head_dim"]
     torch.cuda.reset_peak_memory_stats()
@@ -264,6 +266,7 @@ def ceilings() -> dict:
     return {"matmul_tflops": 2 * 8192**3 / matmul_ms / 1e9, "copy_gbs": 2 * 2**30 / copy_ms / 1e6}
 
 
+@torch.inference_mode()
 def kernel_efficiency(shape: str, memory: agentmem.MemoryConfig, rope_table) -> dict:
     """memory_attention against SDPA on the same number of keys: a prefill chunk (TFLOP/s) and a
     decode step (GB/s of keys and values read)."""
@@ -307,6 +310,7 @@ def kernel_efficiency(shape: str, memory: agentmem.MemoryConfig, rope_table) -> 
     return row
 
 
+@torch.inference_mode()
 def retrieval(shape: str, memory: agentmem.MemoryConfig, n_tokens: int) -> dict:
     """unit_mass + exact top-k for one layer over n_tokens of memory, decode and prefill chunk."""
     n_q, n_kv, head_dim = (SHAPES[shape][key] for key in
