@@ -142,8 +142,8 @@ def test_local_key_mass_matches_the_attention_weights():
     case = _memory_case(4, n_local=20, capacity=24)
     out, lse = reference.memory_attention(**case)
     mass = reference.local_key_mass(
-        case["q"], case["local_k"], n_local=torch.tensor(20, device=DEVICE), lse=lse, cos=case["cos"],
-        sin=case["sin"], scale=case["scale"],
+        case["q"], case["local_k"], n_local=torch.tensor(20, device=DEVICE), lse=lse,
+        cos=case["cos"], sin=case["sin"], scale=case["scale"],
     )  # fmt: skip
     # The same keys through placed_attention, which reports the mass of keys from mass_from on.
     n_memory = 5 + 3 * UNIT
@@ -159,7 +159,8 @@ def test_local_key_mass_matches_the_attention_weights():
     k_abs = torch.cat((torch.full((n_memory,), -1), torch.arange(20))).to(DEVICE)
     _, _, want = reference.placed_attention(
         case["q"], k, v, q_pos=torch.stack((torch.full((4,), 100), torch.arange(16, 20))).to(DEVICE),
-        k_pos=k_pos.expand(2, 2, -1), q_abs=torch.arange(16, 20, device=DEVICE), k_abs=k_abs.expand(2, 2, -1),
+        k_pos=k_pos.expand(2, 2, -1), q_abs=torch.arange(16, 20, device=DEVICE),
+        k_abs=k_abs.expand(2, 2, -1),
         parts=[(0, n_memory, 0, None), (n_memory, n_memory + 20, 0, None)], cos=case["cos"],
         sin=case["sin"], scale=case["scale"], mass_from=n_memory,
     )  # fmt: skip
