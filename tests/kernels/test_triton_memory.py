@@ -157,8 +157,9 @@ def test_local_key_mass_matches_the_attention_weights():
     v = torch.cat((mem_v, case["local_v"][:, :, :20]), 2)
     k_pos = torch.cat((torch.zeros(n_memory, dtype=torch.long), torch.arange(20))).to(DEVICE)
     k_abs = torch.cat((torch.full((n_memory,), -1), torch.arange(20))).to(DEVICE)
+    q_pos = torch.stack((torch.full((4,), 100), torch.arange(16, 20))).to(DEVICE)
     _, _, want = reference.placed_attention(
-        case["q"], k, v, q_pos=torch.stack((torch.full((4,), 100), torch.arange(16, 20))).to(DEVICE),
+        case["q"], k, v, q_pos=q_pos,
         k_pos=k_pos.expand(2, 2, -1), q_abs=torch.arange(16, 20, device=DEVICE),
         k_abs=k_abs.expand(2, 2, -1),
         parts=[(0, n_memory, 0, None), (n_memory, n_memory + 20, 0, None)], cos=case["cos"],
