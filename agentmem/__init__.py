@@ -2,7 +2,14 @@
 
 from agentmem.config import PRESETS, MemoryConfig
 from agentmem.hf.cache import AgentMemCache
-from agentmem.hf.wrap import SUPPORTED_MODEL_TYPES, is_wrapped, new_cache, unwrap, wrap
+from agentmem.hf.wrap import (
+    SUPPORTED_MODEL_TYPES,
+    is_wrapped,
+    new_cache,
+    unwrap,
+    unwrapped,
+    wrap,
+)
 
 __all__ = [
     "PRESETS",
@@ -12,5 +19,6 @@ __all__ = [
     "is_wrapped",
     "new_cache",
     "unwrap",
+    "unwrapped",
     "wrap",
 ]

@@ -412,7 +412,9 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     row.update(measure(*arguments))
                 except torch.OutOfMemoryError as error:
-                    row.setdefault("oom", []).append(str(error).split(".")[0])
+                    row.setdefault("oom", []).append(f"{measure.__name__}: {error}"[:200])
+                except Exception as error:  # noqa: BLE001 - keep measuring the rest, say why
+                    row.setdefault("errors", []).append(f"{measure.__name__}: {error!r}"[:300])
                 torch.cuda.empty_cache()
             record(row)
         for n_tokens in lengths:
@@ -422,7 +424,9 @@ def main(argv: list[str] | None = None) -> int:
                 if n_tokens <= args.full_max_prefill:
                     row.update(prefill_full(model, n_tokens))
             except torch.OutOfMemoryError as error:
-                row["oom"] = str(error).split(".")[0]
+                row["oom"] = str(error)[:200]
+            except Exception as error:  # noqa: BLE001 - keep measuring the rest, say why
+                row["errors"] = repr(error)[:300]
             torch.cuda.empty_cache()
             record(row)
         model = None

@@ -187,11 +187,11 @@ def _launch_config(rows: int, head_dim: int) -> dict:
     """Block sizes by rows (decode: few) and head size (shared memory)."""
     # Measured on an H100 (bf16, a 4096-key window): see benchmarks/RESULTS.md.
     if rows <= 16:
-        return dict(BM=16, BN=32, num_warps=2, num_stages=2)
+        return dict(BM=16, BN=32 if head_dim <= 64 else 64, num_warps=2, num_stages=2)
     if head_dim <= 64:
         return dict(BM=128, BN=64, num_warps=4, num_stages=3)
     if head_dim <= 128:
-        return dict(BM=128, BN=64, num_warps=8, num_stages=2)
+        return dict(BM=64, BN=64, num_warps=4, num_stages=3)
     return dict(BM=64, BN=32, num_warps=4, num_stages=1)
 
 
