@@ -176,6 +176,7 @@ def _full_attention(module, query, key, value, attention_mask, scaling=None, **k
     return out.transpose(1, 2).contiguous(), None
 
 
+@torch.inference_mode()
 def decode_full(model, shape: str, n_tokens: int) -> dict:
     """Full attention over n_tokens cached keys plus the new one: a static cache, SDPA (flash),
     the whole step in a CUDA graph."""

@@ -21,6 +21,15 @@ LOG2E_C = tl.constexpr(LOG2E)
 
 
 @triton.jit
+def _count(value, FROM_DEVICE: tl.constexpr):
+    """A count given as a device tensor (read here: nothing is read back to the host, so a graph
+    can capture the step) or as a plain integer (no host-to-device copy)."""
+    if FROM_DEVICE:
+        return tl.load(value)
+    return value
+
+
+@triton.jit
 def _rotated(x, p_x, b_pos, m_x, cos, sin, stride_cn, D: tl.constexpr):
     """Rows `x` [R, D] (loaded from row pointers p_x [R]) rotated to positions b_pos [R], in
     transformers' half-split convention: x * cos + rotate_half(x) * sin, in fp32."""
@@ -78,6 +87,7 @@ def memory_attention_fwd_kernel(
     G: tl.constexpr, D: tl.constexpr, U: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, NSPLIT: tl.constexpr,
     STACKED: tl.constexpr, ROTATE_LOCAL: tl.constexpr, EXACT: tl.constexpr,
+    N_ON_DEVICE: tl.constexpr,
 ):  # fmt: skip
     i_bh, i_m, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // HKV, i_bh % HKV
@@ -86,7 +96,7 @@ def memory_attention_fwd_kernel(
     i_g, i_t = o_r // T, o_r % T
     o_d = tl.arange(0, D)
     dot_ty = q.dtype.element_ty
-    n = tl.load(n_local)
+    n = _count(n_local, N_ON_DEVICE)
 
     p_q = q + i_b * stride_qb + (i_h * G + i_g) * stride_qh + i_t * stride_qt  # [BM]
     b_q = tl.load(p_q[:, None] + o_d[None, :], mask=m_r[:, None], other=0.0)
@@ -224,8 +234,7 @@ def memory_attention(
         raise ValueError(f"q {tuple(q.shape)} and local k/v {tuple(local_k.shape)} do not match")
     n_sinks = 0 if sink_k is None else sink_k.shape[2]
     n_unit_keys = 0 if ids is None else ids.shape[-1] * unit_size
-    if not isinstance(n_local, torch.Tensor):
-        n_local = torch.tensor([n_local], dtype=torch.int32, device=q.device)
+    on_device = isinstance(n_local, torch.Tensor)
     q, local_k, local_v = (_last_dim_dense(x) for x in (q, local_k, local_v))
     if n_sinks:
         sink_k, sink_v = _last_dim_dense(sink_k), _last_dim_dense(sink_v)
@@ -234,7 +243,8 @@ def memory_attention(
     if n_unit_keys:
         pool_k, pool_v = _last_dim_dense(pool_k), _last_dim_dense(pool_v)
     else:
-        pool_k, pool_v, ids = local_k, local_v, n_local.view(1, 1, 1)  # never read
+        pool_k, pool_v = local_k, local_v  # never read
+        ids = torch.empty(1, 1, 1, dtype=torch.int32, device=q.device)
     cos, sin = (x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
                 for x in (cos, sin))  # fmt: skip
 
@@ -263,7 +273,8 @@ def memory_attention(
         cos.stride(0),
         n_queries, n_kv_heads, rows, n_sinks, n_unit_keys, memory_q_pos,
         G=group, D=head_dim, U=unit_size, NSPLIT=splits, STACKED=stacked,
-        ROTATE_LOCAL=not local_rotated, EXACT=q.dtype == torch.float32, **launch,
+        ROTATE_LOCAL=not local_rotated, EXACT=q.dtype == torch.float32, N_ON_DEVICE=on_device,
+        **launch,
     )  # fmt: skip
     if splits > 1:
         merge_splits_kernel[(triton.cdiv(n_rows, 16),)](
@@ -287,13 +298,14 @@ def unit_mass_kernel(
     T, HKV, ROWS, NCAP,
     G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     PASS: tl.constexpr, MINMAX: tl.constexpr, STORE: tl.constexpr, EXACT: tl.constexpr,
+    N_ON_DEVICE: tl.constexpr,
 ):  # fmt: skip
     """PASS 1: per-row max and sum of exp of this block's unit logits (and, STORE, the logits).
     PASS 2: each unit's mass, sum over rows of exp(logit - lse of the row)."""
     i_bh, i_n = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HKV, i_bh % HKV
     o_n = i_n * BN + tl.arange(0, BN)
-    m_n = o_n < tl.load(n_valid)
+    m_n = o_n < _count(n_valid, N_ON_DEVICE)
     o_d = tl.arange(0, D)
     n_blocks = tl.num_programs(1)
     b_mass = tl.zeros([BN], tl.float32)
@@ -379,8 +391,8 @@ def unit_mass(
     group = n_q_heads // n_kv_heads
     if (reason := supports(q)) is not None:
         raise ValueError(f"the Triton kernel cannot run this: {reason}")
-    if n_valid is None:
-        n_valid = torch.tensor([capacity], dtype=torch.int32, device=q.device)
+    on_device = n_valid is not None
+    n_valid = capacity if n_valid is None else n_valid
     q = _last_dim_dense(q)
     if reps.stride(-1) != 1 or reps.stride(-2) != head_dim:
         reps = reps.contiguous()
@@ -406,6 +418,7 @@ def unit_mass(
             n_queries, n_kv_heads, rows, capacity,
             G=group, D=head_dim, R=r, BM=block_m, BN=block_n,
             PASS=pass_, MINMAX=kind == "minmax", STORE=store, EXACT=q.dtype == torch.float32,
+            N_ON_DEVICE=on_device,
             num_warps=4, num_stages=3 if head_dim <= 64 else 2 if head_dim <= 128 else 1,
         )  # fmt: skip
 
@@ -430,12 +443,13 @@ def local_key_mass_kernel(
     stride_cn,
     T, HKV, ROWS, CAPACITY,
     G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, EXACT: tl.constexpr,
+    N_ON_DEVICE: tl.constexpr,
 ):  # fmt: skip
     """Each program owns a block of local keys (stored rotated) and sums, over every row of its
     key head, the probability the row gave each key: exp(logit - lse of the row)."""
     i_bh, i_n = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HKV, i_bh % HKV
-    n = tl.load(n_local)
+    n = _count(n_local, N_ON_DEVICE)
     o_k = i_n * BN + tl.arange(0, BN)
     m_k = o_k < n
     o_d = tl.arange(0, D)
@@ -477,8 +491,7 @@ def local_key_mass(
     n_kv_heads, capacity = local_k.shape[1], local_k.shape[2]
     if (reason := supports(q)) is not None:
         raise ValueError(f"the Triton kernel cannot run this: {reason}")
-    if not isinstance(n_local, torch.Tensor):
-        n_local = torch.tensor([n_local], dtype=torch.int32, device=q.device)
+    on_device = isinstance(n_local, torch.Tensor)
     cos, sin = (x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
                 for x in (cos, sin))  # fmt: skip
     if not local_rotated:
@@ -496,6 +509,6 @@ def local_key_mass(
         cos.stride(0),
         n_queries, n_kv_heads, rows, capacity,
         G=n_q_heads // n_kv_heads, D=head_dim, BM=16 if rows <= 16 else 64, BN=block_n,
-        EXACT=q.dtype == torch.float32, num_warps=4,
+        EXACT=q.dtype == torch.float32, N_ON_DEVICE=on_device, num_warps=4,
     )  # fmt: skip
     return mass
