@@ -25,8 +25,10 @@ def _count(value, FROM_DEVICE: tl.constexpr):
     """A count given as a device tensor (read here: nothing is read back to the host, so a graph
     can capture the step) or as a plain integer (no host-to-device copy)."""
     if FROM_DEVICE:
-        return tl.load(value)
-    return value
+        count = tl.load(value)
+    else:
+        count = value
+    return count
 
 
 @triton.jit
