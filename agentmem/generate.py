@@ -1,7 +1,8 @@
 """Generation as small free functions: `prefill`, `decode_one_token`, `greedy` (gpt-fast style).
 
 They take any transformers causal LM and any cache, so the same loop drives a wrapped model on an
-AgentMemCache and the full-attention baselines on a DynamicCache.
+AgentMemCache and the full-attention baselines on a DynamicCache. On an AgentMemCache on a GPU,
+long prefills replay their steady-state chunks from a CUDA graph (`agentmem.hf.graphs`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,14 @@ from collections.abc import Iterator
 import torch
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
+
+from agentmem.hf.graphs import static_chunks, static_decoder
+
+# Prefills with at least this many tokens left run their steady-state chunks from a CUDA graph
+# (where the memory and the kernels allow it): capturing costs about as much as a few chunks.
+GRAPH_MIN_TOKENS = 16384
+# Continuations of at least this many tokens decode from a CUDA graph.
+GRAPH_MIN_NEW_TOKENS = 32
 
 
 @torch.inference_mode()
@@ -27,12 +36,25 @@ def prefill(
         raise ValueError("prefill needs at least one token")
     total = input_ids.shape[1]
     bar = tqdm(total=total, unit="tok", desc="prefill", leave=False, disable=not progress)
+    graphed = None  # captured chunk steps, once agentmem's memory is in a steady state
     with bar:
         for first in range(0, total, chunk):
             piece = input_ids[:, first : first + chunk]
-            out = model(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            whole = piece.shape[1] == chunk
+            if graphed is None and whole and total - first >= GRAPH_MIN_TOKENS:
+                graphed = static_chunks(model, cache, chunk, remaining=total - first)
+            if graphed is not None and whole:
+                logits = graphed.run(piece)
+            else:
+                out = model(
+                    input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1
+                )
+                logits = out.logits[:, -1]
             bar.update(piece.shape[1])
-    return out.logits[:, -1]
+    if graphed is not None:
+        logits = logits.clone()  # the graph's buffer is reused by the next capture
+        graphed.close()
+    return logits
 
 
 @torch.inference_mode()
@@ -53,12 +75,23 @@ def greedy(
     """Greedy continuation of batch 0 from `logits` [B, V]; yields token ids.
 
     The last yielded token is not fed to the model: the caller decides whether it enters the cache.
-    Stops after `max_new_tokens` or after yielding a token of `stop_ids`.
+    Stops after `max_new_tokens` or after yielding a token of `stop_ids`. On an AgentMemCache on a
+    GPU, long continuations decode from a CUDA graph (`agentmem.hf.graphs.StaticDecoder`).
     """
-    for step in range(max_new_tokens):
-        token = logits.argmax(dim=-1)  # [B]
-        token_id = int(token[0])
-        yield token_id
-        if token_id in stop_ids or step == max_new_tokens - 1:
-            return
-        logits = decode_one_token(model, cache, token)
+    decoder = None
+    if max_new_tokens >= GRAPH_MIN_NEW_TOKENS:
+        decoder = static_decoder(model, cache, max_new_tokens)
+    try:
+        for step in range(max_new_tokens):
+            token = logits.argmax(dim=-1)  # [B]
+            token_id = int(token[0])  # the one read-back a step: the caller wants the token
+            yield token_id
+            if token_id in stop_ids or step == max_new_tokens - 1:
+                return
+            if decoder is not None:
+                logits = decoder.step(token)
+            else:
+                logits = decode_one_token(model, cache, token)
+    finally:
+        if decoder is not None:
+            decoder.close()

@@ -1,10 +1,12 @@
-"""Decoding one token per step with fixed shapes, the whole model step replayed from a CUDA graph.
+"""Model steps with fixed shapes, replayed from a CUDA graph: decoding one token at a time, and
+prefill chunks once the memory is in a steady state.
 
-Framework overhead (Python, launches) costs more per token than the attention of a small model, so
-decoding at 1M tokens can only be as cheap as at 4K once it is gone. `StaticDecoder` puts every
-memory layer into static mode (counts on the device, buffers that do not move), captures one model
-step, and replays it; between replays the host packs a unit every `unit_size` tokens and grows the
-pool (capturing again) when it fills. Nothing in a step is read back to the host.
+Framework overhead (Python, a hundred launches per layer) costs more per step than the attention of
+a small model, so decoding at 1M tokens can only be as cheap as at 4K, and a prefill chunk as cheap
+as its arithmetic, once it is gone. `StaticSteps` puts every memory layer into static mode (counts
+on the device, buffers that do not move), captures one model step and replays it. Between replays
+the host only keeps its records (and, decoding, packs a unit every `unit_size` tokens); when the
+unit pool fills, it grows and the step is captured again. Nothing in a step is read back.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from agentmem.memory.layer import SlidingLayer
 from agentmem_kernels import capturable
 
 
-class StaticDecoder:
-    """Greedy-ready one-token steps over a filled `AgentMemCache`.
+class StaticSteps:
+    """Steps of exactly `tokens` tokens over a filled `AgentMemCache`.
 
     Args:
         model: the wrapped model the cache belongs to.
-        cache: its memory, in a steady state (sinks full, at least topk units in every layer).
+        cache: its memory, in a steady state (sinks full, at least topk units in every layer; for
+            several tokens a step, full local windows and `tokens` a multiple of unit_size).
+        tokens: tokens per step (1: decoding).
         unit_room: units each layer's pool takes before it must grow (and the step be captured
             again).
         graph: capture a CUDA graph (default: where the kernels allow it, `capturable`); off, the
@@ -30,18 +34,18 @@ class StaticDecoder:
     """
 
     def __init__(
-        self, model: nn.Module, cache: AgentMemCache, *, unit_room: int = 256,
+        self, model: nn.Module, cache: AgentMemCache, *, tokens: int = 1, unit_room: int = 256,
         graph: bool | None = None,
     ) -> None:  # fmt: skip
         if any(isinstance(layer.state, SlidingLayer) for layer in cache.layers):
-            raise ValueError("static decoding does not support sliding-window layers yet")
-        self.model, self.cache = model, cache
+            raise ValueError("static steps do not support sliding-window layers yet")
+        self.model, self.cache, self.tokens = model, cache, tokens
         self.layers = cache.memory_layers
         for layer in self.layers:
-            if (problem := layer.static_problem()) is not None:
+            if (problem := layer.static_problem(tokens)) is not None:
                 raise ValueError(problem)
         first = self.layers[0].local_k
-        self.token = torch.zeros(first.shape[0], 1, dtype=torch.long, device=first.device)
+        self.input_ids = torch.zeros(first.shape[0], tokens, dtype=torch.long, device=first.device)
         self.use_graph = capturable(first.device, first.shape[-1]) if graph is None else graph
         self.unit_room = unit_room
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -51,44 +55,51 @@ class StaticDecoder:
     @torch.inference_mode()
     def _start(self) -> None:
         for layer in self.layers:
-            layer.start_static(layer.units.n_units + self.unit_room)
+            layer.start_static(layer.units.n_units + self.unit_room, self.tokens)
             layer.before_static_step()  # a full local window is packed before the first capture
         if self.use_graph:
             self._capture()
 
     def _forward(self) -> torch.Tensor:
         out = self.model(
-            input_ids=self.token, past_key_values=self.cache, use_cache=True, logits_to_keep=1
+            input_ids=self.input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1
         )
         return out.logits[:, -1]
 
     def _capture(self) -> None:
-        # A warm-up run compiles kernels and fills allocator pools; it changes device state (a
-        # slot written, counts advanced, mass added), which is put back before capturing.
-        saved = [(layer.counts.clone(), layer.local[2].buffer.clone()) for layer in self.layers]
+        # A warm-up run compiles kernels and fills allocator pools. It changes device state
+        # (counts advanced, mass added, a chunk packed and its window moved), which is put back
+        # before capturing.
+        saved = [
+            [part.buffer.clone() for part in (*layer.local, layer.local_rotated)]
+            + [layer.counts.clone()]
+            for layer in self.layers
+        ]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             self._forward()
         torch.cuda.current_stream().wait_stream(stream)
-        for layer, (counts, mass) in zip(self.layers, saved, strict=True):
-            layer.counts.copy_(counts)
-            layer.local[2].buffer.copy_(mass)
+        for layer, copies in zip(self.layers, saved, strict=True):
+            targets = [part.buffer for part in (*layer.local, layer.local_rotated)]
+            for target, copy in zip([*targets, layer.counts], copies, strict=True):
+                target.copy_(copy)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self._forward()
 
     @torch.inference_mode()
-    def step(self, token: torch.Tensor) -> torch.Tensor:
-        """Feed one token per sequence, `token` [B]; returns the next logits [B, V] (with a graph,
-        a buffer the next step overwrites)."""
-        if any(layer.n_local + 1 > layer.config.n_local and layer.static_room < 1
-               for layer in self.layers):  # fmt: skip
+    def run(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Feed `input_ids` [B, tokens]; returns the logits after the last [B, V] (with a graph, a
+        buffer the next step overwrites)."""
+        if tuple(input_ids.shape) != tuple(self.input_ids.shape):
+            raise ValueError(f"static steps take {tuple(self.input_ids.shape)} token ids")
+        if any(self._needs_room(layer) for layer in self.layers):
             self.unit_room *= 2  # the pool must move: capture again, with more room
             self._start()
         for layer in self.layers:
             layer.before_static_step()
-        self.token.copy_(token.view(-1, 1))
+        self.input_ids.copy_(input_ids)
         if self.graph is not None:
             self.graph.replay()
             logits = self.logits
@@ -98,8 +109,51 @@ class StaticDecoder:
             layer.after_static_step()
         return logits
 
+    def _needs_room(self, layer) -> bool:
+        adds = self.tokens > 1 or layer.n_local + 1 > layer.config.n_local
+        return adds and layer.static_room < layer.static_units_per_step()
+
     def close(self) -> None:
-        """Back to ordinary steps (the memory stays as decoding left it)."""
+        """Back to ordinary steps (the memory stays as the static steps left it)."""
         for layer in self.layers:
             layer.stop_static()
         self.graph = None
+
+
+class StaticDecoder(StaticSteps):
+    """One-token steps: `step(token [B])` -> logits [B, V]."""
+
+    def __init__(self, model: nn.Module, cache: AgentMemCache, **kwargs) -> None:
+        super().__init__(model, cache, tokens=1, **kwargs)
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        return self.run(token.view(-1, 1))
+
+
+def _graphable(cache, tokens: int) -> bool:
+    """Whether steps of `tokens` tokens over this cache can be captured now."""
+    if not isinstance(cache, AgentMemCache) or not cache.memory_layers:
+        return False
+    if any(isinstance(layer.state, SlidingLayer) for layer in cache.layers):
+        return False
+    first = cache.memory_layers[0].local_k
+    if first is None or not capturable(first.device, first.shape[-1]):
+        return False
+    return all(layer.static_problem(tokens) is None for layer in cache.memory_layers)
+
+
+def static_chunks(model: nn.Module, cache, tokens: int, remaining: int) -> StaticSteps | None:
+    """Captured prefill steps of `tokens` tokens for the `remaining` tokens of a prefill, if this
+    cache and device allow them now (else None: the caller steps eagerly)."""
+    if not _graphable(cache, tokens):
+        return None
+    room = remaining // cache.config.unit_size + 2
+    return StaticSteps(model, cache, tokens=tokens, unit_room=room)
+
+
+def static_decoder(model: nn.Module, cache, new_tokens: int) -> StaticDecoder | None:
+    """A captured decoder for about `new_tokens` tokens, if this cache and device allow one now
+    (else None: the caller decodes eagerly)."""
+    if not _graphable(cache, 1):
+        return None
+    return StaticDecoder(model, cache, unit_room=new_tokens // cache.config.unit_size + 2)

@@ -77,6 +77,7 @@ class MemoryLayer:
         self.last_ids: torch.Tensor | None = None  # [B, Hkv, k] units retrieved by the last step
         self.pending = _PendingKV()
         self.counts: torch.Tensor | None = None  # static mode: [local length, units] int32
+        self.static_tokens = 1  # tokens per static step
 
     @property
     def local_k(self) -> torch.Tensor | None:
@@ -285,25 +286,34 @@ class MemoryLayer:
             scale=scale, k=cfg.topk, n_valid=n_units,
         )  # fmt: skip
 
-    # -- static one-token steps (CUDA graphs) ------------------------------------------------
+    # -- static steps (CUDA graphs) ----------------------------------------------------------
+    #
+    # One-token steps (decode): the local window grows by one a step; the host packs a unit
+    # between replays when it is full. Steps of T > 1 tokens (prefill chunks, T a multiple of
+    # unit_size) in a steady state: the window is full before and after every step, the step
+    # packs T tokens into units itself, so every shape stays fixed.
 
-    def static_problem(self) -> str | None:
-        """Why one-token steps of this layer cannot be captured now, or None."""
+    def static_problem(self, tokens: int = 1) -> str | None:
+        """Why steps of `tokens` tokens of this layer cannot be captured now, or None."""
         cfg = self.config
         if not self.reads_in_place or not cfg.retrieves:
-            return f"static decoding needs position 'infllm' or 'stacked', not '{cfg.position}'"
+            return f"static steps need position 'infllm' or 'stacked', not '{cfg.position}'"
         if self.n_sinks < cfg.n_init or self.units.n_units < cfg.topk:
             return (
-                f"static decoding starts once the memory holds {cfg.n_init} sinks and at least "
+                f"static steps start once the memory holds {cfg.n_init} sinks and at least "
                 f"topk={cfg.topk} units; this layer has {self.n_sinks} and {self.units.n_units}"
             )
+        if tokens > 1 and (tokens % cfg.unit_size or tokens > cfg.exec_chunk):
+            return f"static steps of {tokens} tokens need a multiple of unit_size up to exec_chunk"
+        if tokens > 1 and self.n_local != cfg.n_local:
+            return "static steps of several tokens start from a full local window"
         return None
 
-    def start_static(self, unit_capacity: int) -> None:
-        """Make one-token steps capturable: fixed buffers (local window, `unit_capacity` units),
-        counts on the device. Needs a steady state (`static_problem`)."""
+    def start_static(self, unit_capacity: int, tokens: int = 1) -> None:
+        """Make steps of `tokens` tokens capturable: fixed buffers (local window,
+        `unit_capacity` units), counts on the device. Needs `static_problem(tokens)` None."""
         cfg = self.config
-        if (problem := self.static_problem()) is not None:
+        if (problem := self.static_problem(tokens)) is not None:
             raise ValueError(problem)
         for part in (*self.local, self.local_rotated):
             part.reserve(cfg.n_local)
@@ -311,6 +321,7 @@ class MemoryLayer:
             part.reserve(unit_capacity * cfg.unit_size)
         self.units.reps.reserve(unit_capacity)
         self.counts = torch.zeros(2, dtype=torch.int32, device=self.local_k.device)
+        self.static_tokens = tokens
         self._sync_counts()
 
     def stop_static(self) -> None:
@@ -319,12 +330,18 @@ class MemoryLayer:
     @property
     def static_room(self) -> int:
         """Units the pool can still take without moving (static mode)."""
-        return self.units.reps.capacity - self.units.n_units
+        units = self.units
+        pool = min(units.keys.capacity, units.values.capacity) // self.config.unit_size
+        return min(units.reps.capacity, pool) - units.n_units
+
+    def static_units_per_step(self) -> int:
+        """Units a static step may add: one (decode, packed by the host) or T / unit_size."""
+        return max(1, self.static_tokens // self.config.unit_size)
 
     def before_static_step(self) -> None:
-        """Pack the oldest local tokens if the next token would not fit (every unit_size
-        steps), outside the graph; counts follow by device-side fills, no read-back."""
-        if self.n_local + 1 <= self.config.n_local:
+        """One-token steps: pack the oldest local tokens if the next token would not fit (every
+        unit_size steps), outside the graph; counts follow by device-side fills, no read-back."""
+        if self.static_tokens > 1 or self.n_local + 1 <= self.config.n_local:
             return
         if self.static_room < 1:
             raise RuntimeError("agentmem: the static unit pool is full; capture again, larger")
@@ -332,10 +349,16 @@ class MemoryLayer:
         self._sync_counts()
 
     def after_static_step(self) -> None:
-        """The host's record of what a replayed step did: one token more in the local window."""
-        for part in (*self.local, self.local_rotated):
-            part.length += 1
-        self.seen += 1
+        """The host's record of what a replayed step did."""
+        tokens = self.static_tokens
+        if tokens == 1:  # one token more in the local window
+            for part in (*self.local, self.local_rotated):
+                part.length += 1
+        else:  # T tokens packed into units, T new ones in the window
+            for part in (self.units.keys, self.units.values):
+                part.length += tokens
+            self.units.reps.length += tokens // self.config.unit_size
+        self.seen += tokens
 
     def _sync_counts(self) -> None:
         self.counts[0].fill_(self.n_local)
@@ -344,9 +367,14 @@ class MemoryLayer:
     def _static_step(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     ) -> torch.Tensor:
-        """One token, fixed shapes, counts read on the device only."""
-        if q.shape[2] != 1:
-            raise RuntimeError("agentmem: static mode takes one token per step")
+        """Fixed shapes, counts read on the device only."""
+        tokens = q.shape[2]
+        if tokens != self.static_tokens:
+            raise RuntimeError(
+                f"agentmem: static steps of {self.static_tokens} tokens got {tokens}"
+            )
+        if tokens > 1:
+            return self._static_chunk(q, k, v, scale)
         n_local = self.counts[0:1]
         slot = n_local.long()
         cos, sin = self._table(self.local[0].capacity, k.device)
@@ -358,6 +386,38 @@ class MemoryLayer:
         n_local.add_(1)
         self.last_ids = self._retrieve(q, scale, n_units=self.counts[1:2])
         return self._attend_in_place(q, scale, self.last_ids, n_local)
+
+    def _static_chunk(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """T tokens into a full window: the oldest T local tokens become T / unit_size units at
+        the pool's device-side end, the rest move down, the new tokens fill the window again."""
+        cfg = self.config
+        tokens, window, unit = q.shape[2], cfg.n_local, cfg.unit_size
+        n_units = tokens // unit
+        keys, values, mass = (part.buffer[:, :, :tokens] for part in self.local)
+        unit_shape = (*keys.shape[:2], n_units, unit)
+        reps = representatives(
+            keys.reshape(*unit_shape, -1), mass.reshape(unit_shape), kind=cfg.repr,
+            r=cfg.repr_topk,
+        )  # fmt: skip
+        first_unit = self.counts[1:2].long()
+        rows = first_unit * unit + torch.arange(tokens, device=q.device)
+        self.units.keys.buffer.index_copy_(2, rows, keys)
+        self.units.values.buffer.index_copy_(2, rows, values)
+        unit_rows = first_unit + torch.arange(n_units, device=q.device)
+        self.units.reps.buffer.index_copy_(2, unit_rows, reps)
+        self.counts[1:2].add_(n_units)
+        zeros = torch.zeros(k.shape[:3], device=k.device)
+        for part, new in zip(self.local, (k, v, zeros), strict=True):
+            rest = part.buffer[:, :, tokens:window].clone()
+            part.buffer[:, :, : window - tokens] = rest
+            part.buffer[:, :, window - tokens : window] = new
+        cos, sin = self._table(window, k.device)
+        local_k = self.local[0].buffer[:, :, :window]
+        self.local_rotated.buffer[:, :, :window] = rope(local_k.float(), cos, sin).to(k.dtype)
+        self.last_ids = self._retrieve(q, scale, n_units=self.counts[1:2])
+        return self._attend_in_place(q, scale, self.last_ids, window)
 
     def attended_spans(self) -> list[tuple[int, int]]:
         """Stream spans [start, end) the last step attended in this layer (batch 0, any head)."""

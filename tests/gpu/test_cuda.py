@@ -114,3 +114,34 @@ def test_graph_decoding_in_bf16_follows_ordinary_steps():
         got = decoder.step(token)
         assert _relative_error(got, want) < 2e-2
         token = want.argmax(-1)
+
+
+def test_prefill_replays_captured_chunks_exactly(monkeypatch):
+    """Long prefills run their steady-state chunks from a CUDA graph: same logits and memory as
+    eager chunks (fp32, so that the comparison is tight)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import agentmem.generate as generate
+    from tests.helpers import COMMON
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**COMMON, head_dim=32)).to("cuda")
+    config = agentmem.MemoryConfig(n_init=4, unit_size=16, topk=2, n_local=48, exec_chunk=32)
+    agentmem.wrap(model, config)
+    ids = torch.randint(3, VOCAB, (1, 1000), device="cuda")
+    monkeypatch.setattr(generate, "GRAPH_MIN_TOKENS", 0)
+    graphed = agentmem.new_cache(model)
+    captured = []
+    real = generate.static_chunks
+    monkeypatch.setattr(
+        generate, "static_chunks", lambda *a, **k: captured.append(1) or real(*a, **k)
+    )
+    got = generate.prefill(model, graphed, ids, chunk=32)
+    monkeypatch.setattr(generate, "static_chunks", lambda *args, **kwargs: None)
+    eager = agentmem.new_cache(model)
+    want = generate.prefill(model, eager, ids, chunk=32)
+    assert captured
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for a, b in zip(graphed.memory_layers, eager.memory_layers, strict=True):
+        assert a.units.n_units == b.units.n_units and a.seen == b.seen == 1000
+        torch.testing.assert_close(a.units.reps.data, b.units.reps.data)

@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import agentmem
 from agentmem.generate import decode_one_token, prefill
-from agentmem.hf.graphs import StaticDecoder
+from agentmem.hf.graphs import StaticDecoder, StaticSteps
 from tests.helpers import COMMON, VOCAB, build
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,3 +68,33 @@ def test_sliding_layers_are_refused():
     agentmem.wrap(model, CONFIG)
     with pytest.raises(ValueError, match="sliding-window"):
         StaticDecoder(model, agentmem.new_cache(model))
+
+
+@pytest.mark.parametrize("repr", ["attention", "minmax"])
+def test_static_prefill_chunks_equal_ordinary_chunks(repr):
+    torch.manual_seed(1)
+    config = LlamaConfig(**{**COMMON, "vocab_size": 1024, "head_dim": 32})
+    model = LlamaForCausalLM(config).to(DEVICE).eval()
+    memory = CONFIG.model_copy(update={"repr": repr})  # chunks of 16 = 2 units of 8
+    agentmem.wrap(model, memory)
+    tokens = torch.stack([torch.randperm(1021)[:300] + 3 for _ in range(2)]).to(DEVICE)
+    ordinary, static = agentmem.new_cache(model), agentmem.new_cache(model)
+    prefill(model, ordinary, tokens[:, :60], chunk=16)
+    prefill(model, static, tokens[:, :60], chunk=16)
+    steps = StaticSteps(model, static, tokens=16, unit_room=4)  # grows twice on the way
+    with torch.inference_mode():  # the caches' tensors were made under inference mode
+        for first in range(60, 300, 16):
+            piece = tokens[:, first : first + 16]
+            if piece.shape[1] < 16:
+                break
+            want = model(piece, past_key_values=ordinary).logits[:, -1]
+            torch.testing.assert_close(steps.run(piece), want, atol=1e-4, rtol=1e-4)
+    steps.close()
+    for a, b in zip(ordinary.memory_layers, static.memory_layers, strict=True):
+        assert a.seen == b.seen and a.n_local == b.n_local == 24
+        assert a.units.n_units == b.units.n_units
+        torch.testing.assert_close(b.units.keys.data, a.units.keys.data)
+        torch.testing.assert_close(b.units.reps.data, a.units.reps.data)
+        torch.testing.assert_close(b.local_mass, a.local_mass, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="multiple of unit_size"):
+        StaticSteps(model, static, tokens=12)
