@@ -195,8 +195,11 @@ def merge_splits_kernel(acc, maxes, sums, out, lse, N_ROWS, D: tl.constexpr, NSP
     _store_rows(out, lse, lse, o_r, m_r, b_acc, b_safe, b_l, D, True)
 
 
-def _launch_config(rows: int, head_dim: int) -> dict:
-    """Block sizes by rows (decode: few) and head size (shared memory)."""
+def _launch_config(rows: int, head_dim: int, rotates: bool = False) -> dict:
+    """Block sizes by rows (decode: few), head size and whether keys are rotated in the kernel
+    (their cos/sin rows take shared memory too)."""
+    if rotates and rows > 16 and head_dim >= 128:
+        return dict(BM=64, BN=32, num_warps=4, num_stages=1)
     # Measured on an H100 (bf16, a 4096-key window): see benchmarks/RESULTS.md.
     if rows <= 16:
         return dict(BM=16, BN=32 if head_dim <= 64 else 64, num_warps=2, num_stages=2)
@@ -251,7 +254,7 @@ def memory_attention(
                 for x in (cos, sin))  # fmt: skip
 
     rows = group * n_queries
-    launch = _launch_config(rows, head_dim)
+    launch = _launch_config(rows, head_dim, rotates=stacked or not local_rotated)
     row_tiles = triton.cdiv(rows, launch["BM"])
     n_keys = n_sinks + n_unit_keys + capacity
     # Decode has few rows: split the window so that every multiprocessor gets work.
