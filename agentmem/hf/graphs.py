@@ -25,7 +25,8 @@ class StaticSteps:
     Args:
         model: the wrapped model the cache belongs to.
         cache: its memory, in a steady state (sinks full, at least topk units in every layer; for
-            several tokens a step, full local windows and `tokens` a multiple of unit_size).
+            several tokens a step, local windows of more than n_local - unit_size tokens and
+            `tokens` a multiple of unit_size).
         tokens: tokens per step (1: decoding).
         unit_room: units each layer's pool takes before it must grow (and the step be captured
             again).

@@ -290,8 +290,8 @@ class MemoryLayer:
     #
     # One-token steps (decode): the local window grows by one a step; the host packs a unit
     # between replays when it is full. Steps of T > 1 tokens (prefill chunks, T a multiple of
-    # unit_size) in a steady state: the window is full before and after every step, the step
-    # packs T tokens into units itself, so every shape stays fixed.
+    # unit_size) in a steady state: the window holds more than n_local - unit_size tokens, so
+    # every step packs exactly T tokens into units itself and every shape stays fixed.
 
     def static_problem(self, tokens: int = 1) -> str | None:
         """Why steps of `tokens` tokens of this layer cannot be captured now, or None."""
@@ -305,8 +305,9 @@ class MemoryLayer:
             )
         if tokens > 1 and (tokens % cfg.unit_size or tokens > cfg.exec_chunk):
             return f"static steps of {tokens} tokens need a multiple of unit_size up to exec_chunk"
-        if tokens > 1 and self.n_local != cfg.n_local:
-            return "static steps of several tokens start from a full local window"
+        if tokens > 1 and not cfg.n_local - cfg.unit_size < self.n_local <= cfg.n_local:
+            # Then every step packs exactly its own number of tokens: the window keeps its size.
+            return "static steps of several tokens start from a steady local window"
         return None
 
     def start_static(self, unit_capacity: int, tokens: int = 1) -> None:
@@ -390,10 +391,10 @@ class MemoryLayer:
     def _static_chunk(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     ) -> torch.Tensor:
-        """T tokens into a full window: the oldest T local tokens become T / unit_size units at
-        the pool's device-side end, the rest move down, the new tokens fill the window again."""
+        """T tokens into a steady window: the oldest T local tokens become T / unit_size units at
+        the pool's device-side end, the rest move down, the new tokens take their place."""
         cfg = self.config
-        tokens, window, unit = q.shape[2], cfg.n_local, cfg.unit_size
+        tokens, window, unit = q.shape[2], self.n_local, cfg.unit_size
         n_units = tokens // unit
         keys, values, mass = (part.buffer[:, :, :tokens] for part in self.local)
         unit_shape = (*keys.shape[:2], n_units, unit)
