@@ -41,6 +41,9 @@ def prefill(
         for first in range(0, total, chunk):
             piece = input_ids[:, first : first + chunk]
             whole = piece.shape[1] == chunk
+            if graphed is not None and not whole:  # a last, shorter piece: ordinary steps
+                graphed.close()
+                graphed = None
             if graphed is None and whole and total - first >= GRAPH_MIN_TOKENS:
                 graphed = static_chunks(model, cache, chunk, remaining=total - first)
             if graphed is not None and whole:

@@ -98,3 +98,35 @@ def test_static_prefill_chunks_equal_ordinary_chunks(repr):
         torch.testing.assert_close(b.local_mass, a.local_mass, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="multiple of unit_size"):
         StaticSteps(model, static, tokens=12)
+
+
+def test_prefill_steps_static_chunks_then_a_shorter_last_piece(monkeypatch):
+    """prefill's use of static chunk steps (graphs off here, so that it runs on the CPU): the
+    same logits and memory as ordinary chunks, a last piece shorter than a chunk included."""
+    import agentmem.generate as generate
+
+    torch.manual_seed(2)
+    config = LlamaConfig(**{**COMMON, "vocab_size": 1024, "head_dim": 32})
+    model = LlamaForCausalLM(config).to(DEVICE).eval()
+    agentmem.wrap(model, CONFIG)
+    tokens = (torch.randperm(1021)[:250] + 3).view(1, -1).to(DEVICE)
+    used = []
+
+    def eager_static_chunks(model, cache, tokens, remaining):
+        if any(layer.static_problem(tokens) for layer in cache.memory_layers):
+            return None
+        used.append(StaticSteps(model, cache, tokens=tokens, unit_room=2, graph=False))
+        return used[-1]
+
+    monkeypatch.setattr(generate, "GRAPH_MIN_TOKENS", 0)
+    monkeypatch.setattr(generate, "static_chunks", eager_static_chunks)
+    static = agentmem.new_cache(model)
+    got = generate.prefill(model, static, tokens, chunk=16)  # 15 chunks of 16, then 10 tokens
+    monkeypatch.setattr(generate, "static_chunks", lambda *args, **kwargs: None)
+    ordinary = agentmem.new_cache(model)
+    want = generate.prefill(model, ordinary, tokens, chunk=16)
+    assert len(used) == 1 and all(layer.counts is None for layer in static.memory_layers)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for a, b in zip(ordinary.memory_layers, static.memory_layers, strict=True):
+        assert a.seen == b.seen == 250 and a.units.n_units == b.units.n_units
+        torch.testing.assert_close(b.units.reps.data, a.units.reps.data)
