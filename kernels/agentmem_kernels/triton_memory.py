@@ -504,7 +504,11 @@ def local_key_mass(
     q, local_k = _last_dim_dense(q), _last_dim_dense(local_k)
     rows = (n_q_heads // n_kv_heads) * n_queries
     mass = torch.empty(batch, n_kv_heads, capacity, dtype=torch.float32, device=q.device)
+    # Rows are rotated in the loop (fp32 cos/sin tiles): small tiles, shallow pipelines for large
+    # heads, or the shared memory runs out (Gemma's 256).
     block_n = 64 if head_dim <= 128 else 32
+    block_m = 16 if rows <= 16 or head_dim > 128 else 64
+    stages = 2 if head_dim <= 128 else 1
     local_key_mass_kernel[(batch * n_kv_heads, triton.cdiv(capacity, block_n))](
         q, local_k, n_local, lse.contiguous(), cos, sin, mass,
         scale * LOG2E,
@@ -513,7 +517,7 @@ def local_key_mass(
         mass.stride(0), mass.stride(1),
         cos.stride(0),
         n_queries, n_kv_heads, rows, capacity,
-        G=n_q_heads // n_kv_heads, D=head_dim, BM=16 if rows <= 16 else 64, BN=block_n,
-        EXACT=q.dtype == torch.float32, N_ON_DEVICE=on_device, num_warps=4,
+        G=n_q_heads // n_kv_heads, D=head_dim, BM=block_m, BN=block_n,
+        EXACT=q.dtype == torch.float32, N_ON_DEVICE=on_device, num_warps=4, num_stages=stages,
     )  # fmt: skip
     return mass
