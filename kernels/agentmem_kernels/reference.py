@@ -410,8 +410,11 @@ def local_key_mass(
     `n_local`. Static shapes, no read-back: it runs inside a captured decode step."""
     batch, n_q_heads, n_queries, _ = q.shape
     n_kv_heads, capacity = local_k.shape[1], local_k.shape[2]
-    n = torch.as_tensor(n_local, device=q.device).reshape(())
-    q_pos = (n - n_queries + torch.arange(n_queries, device=q.device)).clamp(min=0)
+    offsets = torch.arange(n_queries, device=q.device)
+    if isinstance(n_local, int):  # no host-to-device copy: captured steps pass numbers too
+        q_pos = (offsets + (n_local - n_queries)).clamp(min=0)
+    else:
+        q_pos = (n_local.reshape(()) - n_queries + offsets).clamp(min=0)
     k_pos = torch.arange(capacity, device=q.device)
     queries = rope(q.float(), cos[q_pos].float(), sin[q_pos].float())
     keys = local_k.float()
