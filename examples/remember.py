@@ -8,8 +8,8 @@ from agentmem.models import load
 from agentmem.passkey import FILLER, HEADER, NEEDLE, QUESTION
 
 # Units are represented by the means of their keys here: with the default (the keys that got most
-# attention, as InfLLM) this prompt's needle unit is not retrieved by one of the three global layers
-# and the model answers wrongly; "mean" also scored 10/10 at 8K, 16K and 32K in our CPU passkey runs.
+# attention, as InfLLM) one of the three global layers misses this prompt's needle unit and the
+# model answers wrongly; "mean" also scored 10/10 at 8K, 16K and 32K in our CPU passkey runs.
 lm = load("gemma-3-270m", memory=agentmem.MemoryConfig(n_local=960, topk=8, repr="mean"))
 session = lm.session()
 session.append(HEADER)
