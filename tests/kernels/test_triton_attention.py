@@ -9,24 +9,18 @@ import pytest
 import torch
 
 from agentmem_kernels import reference
+from tests.helpers import PlainRope
 
 triton_attention = pytest.importorskip("agentmem_kernels.triton_attention")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def poisoned_scratch(monkeypatch):
-    def alloc(shape, device):
-        return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
-
-    monkeypatch.setattr(triton_attention, "_alloc", alloc)
+pytestmark = pytest.mark.usefixtures("poisoned_scratch")
 
 
 def _table(n_positions: int, head_dim: int):
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.arange(n_positions, dtype=torch.float32)[:, None] * inv_freq
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().to(DEVICE), angles.sin().to(DEVICE)
+    cos, sin = PlainRope(head_dim).table(n_positions, torch.float32, torch.device(DEVICE))
+    return cos, sin
 
 
 def _case(n_queries, n_keys, *, head_dim=32, heads=(4, 2), dtype=torch.float32, seed=0):

@@ -1,4 +1,4 @@
-"""The Triton `memory_attention` and `unit_mass` kernels against their pure-torch references:
+"""The Triton `memory_attention`, `unit_mass` and `local_key_mass` kernels against their references:
 sinks, units read through an index table, a local window shorter than its buffer (its length given
 as a device tensor), infllm and stacked positions, GQA, decode (split-K) and prefill row tiles,
 partial blocks, fp32 and fp16, scratch poisoned with NaN. The references are checked against
@@ -10,27 +10,20 @@ import pytest
 import torch
 
 from agentmem_kernels import reference
+from tests.helpers import PlainRope
 
 triton_memory = pytest.importorskip("agentmem_kernels.triton_memory")
-from agentmem_kernels import triton_attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 UNIT = 16
 
 
-@pytest.fixture(autouse=True)
-def poisoned_scratch(monkeypatch):
-    def alloc(shape, device):
-        return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
-
-    monkeypatch.setattr(triton_attention, "_alloc", alloc)
+pytestmark = pytest.mark.usefixtures("poisoned_scratch")
 
 
 def _table(n_positions: int, head_dim: int):
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.arange(n_positions, dtype=torch.float32)[:, None] * inv_freq
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().to(DEVICE), angles.sin().to(DEVICE)
+    cos, sin = PlainRope(head_dim).table(n_positions, torch.float32, torch.device(DEVICE))
+    return cos, sin
 
 
 def _memory_case(n_queries, *, n_sinks=5, n_units=6, k=3, n_local=37, capacity=48,
