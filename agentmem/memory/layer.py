@@ -57,9 +57,10 @@ class MemoryLayer:
     buffer that packing empties from the front. With `infllm` and `stacked` positions a step reads
     all three in place (`memory_attention`); the other policies assemble the window first.
 
-    `start_static` switches one-token steps to a form a CUDA graph can capture: the local length
-    and the number of units live in a device tensor and the host never reads them back; the caller
-    calls `before_static_step` and `after_static_step` around each replay (`agentmem.hf.graphs`).
+    `start_static` switches steps of a fixed number of tokens (one when decoding, a prefill chunk
+    in a steady state) to a form a CUDA graph can capture: the local length and the number of units
+    live in a device tensor that the host never reads back; the caller calls `before_static_step`
+    and `after_static_step` around each replay (`agentmem.hf.graphs`).
     """
 
     def __init__(self, config: MemoryConfig, rotary: Rope) -> None:
