@@ -1,10 +1,15 @@
-"""Triton kernels of a memory step: `memory_attention` (the window read in place: sinks, units of
-the pool through an index table, the local window, keys rotated in-kernel, one online softmax, GQA
-rows, split-K) and `unit_mass` (representative scoring for every (batch, key head) in one launch per
-pass, no [queries x units x representatives] tensor in memory).
+"""Triton kernels of a memory step:
 
-Both take counts as device tensors where they change from step to step (the local window's length,
-the number of units), so a decode step reads nothing back and can be captured in a CUDA graph.
+- `memory_attention`: the window read in place (sinks, units of the pool through an index table,
+  the local window), keys rotated in-kernel where they are not stored rotated, one online softmax
+  in base 2, GQA rows, split-K for decode with a fused exact merge;
+- `unit_mass`: representative scoring for every (batch, key head) in one launch per pass (softmax
+  statistics, then mass), never a [queries x units x representatives] tensor in memory;
+- `local_key_mass`: the attention each local key received, from the attention's lse.
+
+Counts that change from step to step (the local window's length, the number of units) may be device
+tensors, read in the kernels: a captured step reads nothing back. Where the host knows them, plain
+integers avoid a host-to-device copy (which would synchronise).
 """
 
 from __future__ import annotations
