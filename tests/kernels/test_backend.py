@@ -74,3 +74,14 @@ def test_triton_backend_matches_the_reference_in_a_model(restore_backends, posit
     assert launches.count(window) == 6
     assert launches.count("unit_mass") >= 3
     torch.testing.assert_close(logits["triton"], logits["reference"], atol=1e-4, rtol=1e-4)
+
+
+def test_capturable_needs_cuda_and_triton(restore_backends):
+    agentmem_kernels.use_backend("triton", "cpu")
+    assert not agentmem_kernels.capturable(torch.device("cpu"), 64)  # no CUDA graphs on a CPU
+    if torch.cuda.is_available():
+        agentmem_kernels.use_backend("triton", "cuda")
+        assert agentmem_kernels.capturable(torch.device("cuda"), 64)
+        assert not agentmem_kernels.capturable(torch.device("cuda"), 16)  # head too small
+        agentmem_kernels.use_backend("reference", "cuda")
+        assert not agentmem_kernels.capturable(torch.device("cuda"), 64)
