@@ -362,8 +362,6 @@ def memory_attention(
         out [B, Hq, T, D] fp32, lse [B, Hq, T] fp32.
     """
     n = int(n_local)
-    if local_rotated:  # rotate back by -j: the computation below rotates them again
-        local_k = rope(local_k[:, :, :n].float(), cos[:n].float(), -sin[:n].float())
     n_queries = q.shape[2]
     device = q.device
     mem_k, mem_v, mem_pos = [], [], []
@@ -380,7 +378,12 @@ def memory_attention(
     v = torch.cat([*mem_v, local_v[:, :, :n]], dim=2)
     local_pos = torch.arange(n, device=device)
     memory_pos = torch.cat(mem_pos) if stacked and mem_pos else torch.zeros(n_memory, device=device)
-    k_pos = torch.cat((memory_pos.long(), local_pos)).expand(*k.shape[:2], -1)
+    local_k_pos = local_pos
+    if local_rotated:  # rotated already: position 0 (the identity, up to the table's scale)
+        k = k.float()
+        k[:, :, n_memory:] /= cos[0, 0].float()
+        local_k_pos = torch.zeros_like(local_pos)
+    k_pos = torch.cat((memory_pos.long(), local_k_pos)).expand(*k.shape[:2], -1)
     k_abs = torch.cat((torch.full((n_memory,), -1, device=device), local_pos))
     q_abs = local_pos[n - n_queries :]
     parts, q_pos = [(n_memory, n_memory + n, 0, None)], [q_abs]

@@ -115,6 +115,12 @@ def memory_attention_fwd_kernel(
     # (no rotation: cos 1, sin 0); stacked puts sinks at their index, unit tokens at their offset.
     b_mq = _rotated(b_q, p_q, tl.zeros([BM], tl.int32) + MEM_Q_POS, m_r, cos, sin, stride_cn, D)
     b_mq = b_mq.to(dot_ty)
+    # Position 0 is the identity up to the table's own scale (cos[0] = the model's attention
+    # scaling, 1 but for YaRN-like ropes; sin[0] = 0): unrotated keys take that factor here.
+    if STACKED:
+        mem_scale = qk_scale
+    else:
+        mem_scale = qk_scale * tl.load(cos)
     per_split = tl.cdiv(tl.cdiv(N_SINKS, BN), NSPLIT) * BN
     lo = i_s * per_split
     for i_k in range(lo, tl.minimum(lo + per_split, N_SINKS), BN):
@@ -124,7 +130,7 @@ def memory_attention_fwd_kernel(
         p_v = sink_v + i_b * stride_sb + i_h * stride_sh + o_k * stride_sk
         b_m, b_l, b_acc = _attend_block(
             b_mq, p_k, p_v, m_k, o_k, m_r[:, None], cos, sin, stride_cn,
-            b_m, b_l, b_acc, qk_scale, D, STACKED, EXACT,
+            b_m, b_l, b_acc, mem_scale, D, STACKED, EXACT,
         )  # fmt: skip
     per_split = tl.cdiv(tl.cdiv(N_UNIT_KEYS, BN), NSPLIT) * BN
     lo = i_s * per_split
@@ -137,7 +143,7 @@ def memory_attention_fwd_kernel(
         p_v = pool_v + i_b * stride_pb + i_h * stride_ph + o_row * stride_pk
         b_m, b_l, b_acc = _attend_block(
             b_mq, p_k, p_v, m_k, o_k % U, m_r[:, None], cos, sin, stride_cn,
-            b_m, b_l, b_acc, qk_scale, D, STACKED, EXACT,
+            b_m, b_l, b_acc, mem_scale, D, STACKED, EXACT,
         )  # fmt: skip
     # Local window: true distances, causal; the queries are its last T keys.
     b_qpos = tl.maximum(n - T + i_t, 0)

@@ -103,11 +103,22 @@ def test_without_sinks_or_units():
     _compare_memory(_memory_case(3, n_sinks=0, k=2))
 
 
-def test_reference_reads_the_units_the_index_table_names():
-    """Against first principles: the window written out, every key at its position by hand."""
+@pytest.mark.parametrize("attention_scaling", [1.0, 1.3])  # 1.3: a YaRN-like table
+def test_the_window_the_index_table_names_from_first_principles(attention_scaling):
+    """The window written out, every key at its position by hand, as transformers would rotate
+    it (cos and sin tables that carry the model's attention scaling); the references and the
+    kernel, local keys stored plain and rotated, agree with it."""
     case = _memory_case(2, n_sinks=3, k=2, n_local=9, capacity=12)
-    out, _ = reference.memory_attention(**case)
+    case["cos"], case["sin"] = case["cos"] * attention_scaling, case["sin"] * attention_scaling
     q, cos, sin = case["q"].float(), case["cos"], case["sin"]
+    rotated = reference.rope(case["local_k"], cos[:12], sin[:12])
+    outs = [
+        implementation(**case)[0] for implementation in
+        (reference.memory_attention, triton_memory.memory_attention)
+    ] + [
+        implementation(**{**case, "local_k": rotated, "local_rotated": True})[0]
+        for implementation in (reference.memory_attention, triton_memory.memory_attention)
+    ]  # fmt: skip
     for b in range(2):
         for h in range(4):
             kv = h // 2
@@ -128,7 +139,8 @@ def test_reference_reads_the_units_the_index_table_names():
                 logits = torch.cat((mem @ q_mem, local_k @ q_loc)) * case["scale"]
                 values = torch.cat((mem_v, case["local_v"][b, kv, : q_pos + 1]))
                 want = torch.softmax(logits, 0) @ values
-                torch.testing.assert_close(out[b, h, t], want, atol=1e-5, rtol=1e-5)
+                for out in outs:
+                    torch.testing.assert_close(out[b, h, t], want, atol=1e-5, rtol=1e-5)
 
 
 def test_local_key_mass_matches_the_attention_weights():
