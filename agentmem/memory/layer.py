@@ -14,14 +14,7 @@ from agentmem.config import MemoryConfig
 from agentmem.memory.policy import Rope, Window, attend
 from agentmem.memory.representatives import representatives, score_kind
 from agentmem.memory.store import GrowingTensor, UnitStore
-from agentmem_kernels import (
-    attention,
-    gather_units,
-    local_key_mass,
-    memory_attention,
-    rope,
-    score_units,
-)
+from agentmem_kernels import attention, gather_units, memory_attention, rope, score_units
 
 
 class _PendingKV:
@@ -218,22 +211,19 @@ class MemoryLayer:
         cos, sin = self.rotary.table(
             max(cfg.n_local + span, self.local[0].capacity), torch.float32, q.device
         )
-        out, lse = memory_attention(
+        out, _, mass = memory_attention(
             q, sink_k=self.sink_k, sink_v=self.sink_v,
             pool_k=self.units.keys.buffer, pool_v=self.units.values.buffer, ids=ids,
             unit_size=cfg.unit_size, local_k=self.local_rotated.buffer,
             local_v=self.local[1].buffer, n_local=n_local, cos=cos, sin=sin, scale=scale,
-            memory_q_pos=cfg.n_local + span - 1,
-            stacked=cfg.position == "stacked", local_rotated=True,
+            memory_q_pos=cfg.n_local + span - 1, stacked=cfg.position == "stacked",
+            local_rotated=True, with_local_mass=cfg.retrieves and cfg.repr == "attention",
         )  # fmt: skip
-        if cfg.retrieves and cfg.repr == "attention":
-            local_k, local_mass = self.local_rotated.buffer, self.local[2].buffer
+        if mass is not None:
+            local_mass = self.local[2].buffer
             if isinstance(n_local, int):  # the filled part only
-                local_k, local_mass = local_k[:, :, :n_local], local_mass[:, :, :n_local]
-            local_mass += local_key_mass(
-                q, local_k, n_local=n_local, lse=lse, cos=cos, sin=sin, scale=scale,
-                local_rotated=True,
-            )  # fmt: skip
+                local_mass, mass = local_mass[:, :, :n_local], mass[:, :, :n_local]
+            local_mass += mass
         return out
 
     def _window(self, q: torch.Tensor, ids: torch.Tensor | None) -> Window:

@@ -340,7 +340,8 @@ def memory_attention(
     memory_q_pos: int,
     stacked: bool = False,
     local_rotated: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_local_mass: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A step's attention over `[sinks | units of the pool chosen by ids | local]`, one softmax.
 
     The InfLLM window read in place: units are addressed through the index table `ids`, never
@@ -358,8 +359,10 @@ def memory_attention(
         n_local: int, or an int tensor of one element (read on the device by the kernel).
         cos, sin: [N, D] tables of the model's rotary module.
         local_rotated: the local keys are stored already rotated to their positions j.
+        with_local_mass: also return the attention each local key received (`local_key_mass`).
     Returns:
-        out [B, Hq, T, D] fp32, lse [B, Hq, T] fp32.
+        out [B, Hq, T, D] fp32, lse [B, Hq, T] fp32, and the local keys' mass [B, Hkv, C] fp32 (0
+        past `n_local`) or None.
     """
     n = int(n_local)
     n_queries = q.shape[2]
@@ -390,11 +393,14 @@ def memory_attention(
     if n_memory:
         parts.insert(0, (0, n_memory, 0, None))
         q_pos.insert(0, torch.full_like(q_abs, memory_q_pos))
-    out, lse, _ = placed_attention(
+    out, lse, mass = placed_attention(
         q, k, v, q_pos=torch.stack(q_pos), k_pos=k_pos, q_abs=q_abs,
         k_abs=k_abs.expand(*k.shape[:2], -1), parts=parts, cos=cos, sin=sin, scale=scale,
+        mass_from=n_memory if with_local_mass else None,
     )  # fmt: skip
-    return out, lse
+    if mass is not None:  # the same softmax's probabilities: no second pass
+        mass = torch.nn.functional.pad(mass, (0, local_k.shape[2] - n))
+    return out, lse, mass
 
 
 def local_key_mass(

@@ -239,8 +239,11 @@ def memory_attention(
     memory_q_pos: int,
     stacked: bool = False,
     local_rotated: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same signature and results as `reference.memory_attention`."""
+    with_local_mass: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Same signature and results as `reference.memory_attention`; the local keys' mass is a
+    second pass from the lse (`local_key_mass`, on the backend the dispatcher picks for it)."""
+    keys, count = local_k, n_local  # as given, for the mass pass
     batch, n_q_heads, n_queries, head_dim = q.shape
     n_kv_heads, capacity = local_k.shape[1], local_k.shape[2]
     group = n_q_heads // n_kv_heads
@@ -298,7 +301,16 @@ def memory_attention(
         )
     # rows are (g, t) per key head: [B, Hq, T, D] without a copy
     out = out.view(batch, n_kv_heads, group, n_queries, head_dim).view(q.shape)
-    return out, lse.view(batch, n_q_heads, n_queries)
+    lse = lse.view(batch, n_q_heads, n_queries)
+    if not with_local_mass:
+        return out, lse, None
+    from agentmem_kernels import local_key_mass as dispatched
+
+    mass = dispatched(
+        q, keys, n_local=count, lse=lse, cos=cos, sin=sin, scale=scale,
+        local_rotated=local_rotated,
+    )  # fmt: skip
+    return out, lse, mass
 
 
 def _last_dim_dense(x: torch.Tensor) -> torch.Tensor:

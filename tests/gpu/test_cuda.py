@@ -81,8 +81,8 @@ def test_memory_kernels_in_bf16():
     for n_queries, n_local in ((1, 777), (512, 1000)):
         q = randn(1, 32, n_queries, head_dim)
         n = torch.tensor([n_local], device="cuda", dtype=torch.int32)
-        got, _ = triton_memory.memory_attention(q, **window, n_local=n)
-        want, _ = reference.memory_attention(q, **window, n_local=n_local)
+        got, _, _ = triton_memory.memory_attention(q, **window, n_local=n)
+        want, _, _ = reference.memory_attention(q, **window, n_local=n_local)
         assert _relative_error(got, want) < 1e-2
         reps = randn(1, 8, 300, 4, head_dim)
         got = triton_memory.unit_mass(q, reps, kind="dot", scale=head_dim**-0.5)

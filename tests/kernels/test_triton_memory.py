@@ -52,10 +52,10 @@ def _memory_case(n_queries, *, n_sinks=5, n_units=6, k=3, n_local=37, capacity=4
 
 
 def _compare_memory(case, *, stacked=False, as_tensor=False):
-    want, want_lse = reference.memory_attention(**case, stacked=stacked)
+    want, want_lse, _ = reference.memory_attention(**case, stacked=stacked)
     if as_tensor:
         case = {**case, "n_local": torch.tensor([case["n_local"]], device=DEVICE)}
-    got, got_lse = triton_memory.memory_attention(**case, stacked=stacked)
+    got, got_lse, _ = triton_memory.memory_attention(**case, stacked=stacked)
     error = (got - want).norm() / want.norm()
     bound = 2e-3 if case["q"].dtype == torch.float16 else 1e-5
     assert error < bound, f"relative error {error:.2e}"
@@ -78,13 +78,13 @@ def test_prefill_chunk_over_several_row_tiles(stacked):
 def test_local_keys_stored_rotated(n_queries):
     """Keys kept rotated to their local positions give what pre-RoPE keys give."""
     case = _memory_case(n_queries, heads=(8, 2))
-    want, want_lse = reference.memory_attention(**case)
+    want, want_lse, _ = reference.memory_attention(**case)
     cos, sin = case["cos"], case["sin"]
     capacity = case["local_k"].shape[2]
     rotated = reference.rope(case["local_k"], cos[:capacity], sin[:capacity])
     case = {**case, "local_k": rotated, "local_rotated": True}
     for implementation in (reference.memory_attention, triton_memory.memory_attention):
-        got, got_lse = implementation(**case)
+        got, got_lse, _ = implementation(**case)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got_lse, want_lse, atol=1e-5, rtol=1e-5)
     mass = reference.local_key_mass(
@@ -145,7 +145,7 @@ def test_the_window_the_index_table_names_from_first_principles(attention_scalin
 
 def test_local_key_mass_matches_the_attention_weights():
     case = _memory_case(4, n_local=20, capacity=24)
-    out, lse = reference.memory_attention(**case)
+    out, lse, _ = reference.memory_attention(**case)
     mass = reference.local_key_mass(
         case["q"], case["local_k"], n_local=torch.tensor(20, device=DEVICE), lse=lse,
         cos=case["cos"], sin=case["sin"], scale=case["scale"],
@@ -179,7 +179,7 @@ def test_local_key_mass_matches_the_attention_weights():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_local_key_mass(n_queries, rotated, dtype):
     case = _memory_case(n_queries, heads=(4, 2), n_local=70, capacity=90, dtype=dtype)
-    _, lse = reference.memory_attention(**case)
+    _, lse, _ = reference.memory_attention(**case)
     local_k = case["local_k"]
     if rotated:
         local_k = reference.rope(local_k.float(), case["cos"][:90], case["sin"][:90]).to(dtype)
@@ -220,3 +220,23 @@ def test_unit_mass_without_a_count_scores_every_unit():
     got = triton_memory.unit_mass(q, reps, kind="dot", scale=0.125)
     torch.testing.assert_close(got, reference.unit_mass(q, reps, kind="dot", scale=0.125))
     torch.testing.assert_close(got.sum(-1), torch.full((1, 1), 2.0, device=DEVICE))  # 2 rows
+
+
+@pytest.mark.parametrize("rotated", [False, True])
+def test_memory_attention_returns_the_local_keys_mass(rotated):
+    """with_local_mass: the reference reads it off its own softmax, the kernel path makes a second
+    pass from the lse; both equal `local_key_mass`, and 0 past the window."""
+    case = _memory_case(5, heads=(4, 2), n_local=40, capacity=48)
+    if rotated:
+        case["local_k"] = reference.rope(case["local_k"], case["cos"][:48], case["sin"][:48])
+    case["local_rotated"] = rotated
+    _, lse, none = reference.memory_attention(**case)
+    assert none is None
+    want = reference.local_key_mass(
+        case["q"], case["local_k"], n_local=40, lse=lse, cos=case["cos"], sin=case["sin"],
+        scale=case["scale"], local_rotated=rotated,
+    )  # fmt: skip
+    for implementation in (reference.memory_attention, triton_memory.memory_attention):
+        _, _, mass = implementation(**case, with_local_mass=True)
+        torch.testing.assert_close(mass, want, atol=1e-5, rtol=1e-5)
+        assert mass.shape == (2, 2, 48) and torch.all(mass[..., 40:] == 0)
