@@ -11,12 +11,16 @@ unit pool fills, it grows and the step is captured again. Nothing in a step is r
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from agentmem.hf.cache import AgentMemCache
 from agentmem.memory.layer import SlidingLayer
 from agentmem_kernels import capturable
+
+logger = logging.getLogger(__name__)
 
 
 class StaticSteps:
@@ -55,11 +59,18 @@ class StaticSteps:
 
     @torch.inference_mode()
     def _start(self) -> None:
-        for layer in self.layers:
-            layer.start_static(layer.units.n_units + self.unit_room, self.tokens)
-            layer.before_static_step()  # a full local window is packed before the first capture
-        if self.use_graph:
-            self._capture()
+        try:
+            for layer in self.layers:
+                layer.start_static(layer.units.n_units + self.unit_room, self.tokens)
+                layer.before_static_step()  # a full window is packed before the first capture
+            if self.use_graph:
+                self._capture()
+        except BaseException:
+            # Leave the memory usable by ordinary steps, as the warm-up found it.
+            for layer in self.cache.layers:
+                layer.state.pending.clear()
+            self.close()
+            raise
 
     def _forward(self) -> torch.Tensor:
         out = self.model(
@@ -78,13 +89,15 @@ class StaticSteps:
         ]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._forward()
-        torch.cuda.current_stream().wait_stream(stream)
-        for layer, copies in zip(self.layers, saved, strict=True):
-            targets = [part.buffer for part in (*layer.local, layer.local_rotated)]
-            for target, copy in zip([*targets, layer.counts], copies, strict=True):
-                target.copy_(copy)
+        try:
+            with torch.cuda.stream(stream):
+                self._forward()
+        finally:
+            torch.cuda.current_stream().wait_stream(stream)
+            for layer, copies in zip(self.layers, saved, strict=True):
+                targets = [part.buffer for part in (*layer.local, layer.local_rotated)]
+                for target, copy in zip([*targets, layer.counts], copies, strict=True):
+                    target.copy_(copy)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self._forward()
@@ -149,7 +162,7 @@ def static_chunks(model: nn.Module, cache, tokens: int, remaining: int) -> Stati
     if not _graphable(cache, tokens):
         return None
     room = remaining // cache.config.unit_size + 2
-    return StaticSteps(model, cache, tokens=tokens, unit_room=room)
+    return _or_none(lambda: StaticSteps(model, cache, tokens=tokens, unit_room=room))
 
 
 def static_decoder(model: nn.Module, cache, new_tokens: int) -> StaticDecoder | None:
@@ -157,4 +170,19 @@ def static_decoder(model: nn.Module, cache, new_tokens: int) -> StaticDecoder | 
     (else None: the caller decodes eagerly)."""
     if not _graphable(cache, 1):
         return None
-    return StaticDecoder(model, cache, unit_room=new_tokens // cache.config.unit_size + 2)
+    room = new_tokens // cache.config.unit_size + 2
+    return _or_none(lambda: StaticDecoder(model, cache, unit_room=room))
+
+
+def _or_none(build):
+    """`build()`, or None (ordinary steps, said once in the log) if capturing failed."""
+    try:
+        return build()
+    except (RuntimeError, torch.OutOfMemoryError) as error:
+        if not _capture_failures:
+            logger.warning("agentmem: steps run eagerly, capturing a CUDA graph failed: %s", error)
+        _capture_failures.append(repr(error))
+        return None
+
+
+_capture_failures: list[str] = []

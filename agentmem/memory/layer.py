@@ -32,6 +32,10 @@ class _PendingKV:
             )
         self.k, self.v = k, v
 
+    def clear(self) -> None:
+        """Forget keys stored by a step that failed before its attention ran."""
+        self.k = self.v = None
+
     def take(self, n_queries: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.k is None or self.k.shape[2] != n_queries:
             raise RuntimeError(

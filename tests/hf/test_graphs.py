@@ -130,3 +130,32 @@ def test_prefill_steps_static_chunks_then_a_shorter_last_piece(monkeypatch):
     for a, b in zip(ordinary.memory_layers, static.memory_layers, strict=True):
         assert a.seen == b.seen == 250 and a.units.n_units == b.units.n_units
         torch.testing.assert_close(b.units.reps.data, a.units.reps.data)
+
+
+def test_a_failed_capture_leaves_ordinary_steps_working(monkeypatch, caplog):
+    """If capturing fails (a GPU without room, a driver refusing), decoding goes on eagerly from
+    the memory as it was, and the log says why, once."""
+    import agentmem.hf.graphs as graphs
+
+    torch.manual_seed(3)
+    config = LlamaConfig(**{**COMMON, "vocab_size": 1024, "head_dim": 32})
+    model = LlamaForCausalLM(config).to(DEVICE).eval()
+    agentmem.wrap(model, CONFIG)
+    tokens = (torch.randperm(1021)[:110] + 3).view(1, -1).to(DEVICE)
+    failing, ordinary = agentmem.new_cache(model), agentmem.new_cache(model)
+    prefill(model, failing, tokens[:, :100], chunk=16)
+    prefill(model, ordinary, tokens[:, :100], chunk=16)
+
+    def broken_capture(self):
+        self._forward()  # the warm-up runs (and changes the memory), then the capture fails
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(graphs, "capturable", lambda *args: True)
+    monkeypatch.setattr(graphs.StaticSteps, "_capture", broken_capture)
+    assert graphs.static_decoder(model, failing, 64) is None
+    assert "capture failed" in caplog.text
+    assert all(layer.counts is None for layer in failing.memory_layers)
+    for token in tokens[:, 100:].T:
+        torch.testing.assert_close(
+            decode_one_token(model, failing, token), decode_one_token(model, ordinary, token)
+        )
