@@ -37,26 +37,29 @@ def prefill(
     total = input_ids.shape[1]
     bar = tqdm(total=total, unit="tok", desc="prefill", leave=False, disable=not progress)
     graphed = None  # captured chunk steps, once agentmem's memory is in a steady state
-    with bar:
-        for first in range(0, total, chunk):
-            piece = input_ids[:, first : first + chunk]
-            whole = piece.shape[1] == chunk
-            if graphed is not None and not whole:  # a last, shorter piece: ordinary steps
-                graphed.close()
-                graphed = None
-            if graphed is None and whole and total - first >= GRAPH_MIN_TOKENS:
-                graphed = static_chunks(model, cache, chunk, remaining=total - first)
-            if graphed is not None and whole:
-                logits = graphed.run(piece)
-            else:
-                out = model(
-                    input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1
-                )
-                logits = out.logits[:, -1]
-            bar.update(piece.shape[1])
-    if graphed is not None:
-        logits = logits.clone()  # the graph's buffer is reused by the next capture
-        graphed.close()
+    try:
+        with bar:
+            for first in range(0, total, chunk):
+                piece = input_ids[:, first : first + chunk]
+                whole = piece.shape[1] == chunk
+                if graphed is not None and not whole:  # a last, shorter piece: ordinary steps
+                    graphed.close()
+                    graphed = None
+                if graphed is None and whole and total - first >= GRAPH_MIN_TOKENS:
+                    graphed = static_chunks(model, cache, chunk, remaining=total - first)
+                if graphed is not None and whole:
+                    logits = graphed.run(piece)
+                else:
+                    out = model(
+                        input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1
+                    )
+                    logits = out.logits[:, -1]
+                bar.update(piece.shape[1])
+        if graphed is not None:
+            logits = logits.clone()  # a graph's buffer: copied before the graph goes
+    finally:
+        if graphed is not None:
+            graphed.close()
     return logits
 
 
@@ -88,8 +91,11 @@ def greedy(
         for step in range(max_new_tokens):
             token = logits.argmax(dim=-1)  # [B]
             token_id = int(token[0])  # the one read-back a step: the caller wants the token
+            last = token_id in stop_ids or step == max_new_tokens - 1
+            if last and decoder is not None:  # before the caller may feed the memory itself
+                decoder.close()
             yield token_id
-            if token_id in stop_ids or step == max_new_tokens - 1:
+            if last:
                 return
             if decoder is not None:
                 logits = decoder.step(token)

@@ -12,6 +12,8 @@ unit pool fills, it grows and the step is captured again. Nothing in a step is r
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -52,7 +54,8 @@ class StaticSteps:
         first = self.layers[0].local_k
         self.input_ids = torch.zeros(first.shape[0], tokens, dtype=torch.long, device=first.device)
         self.use_graph = capturable(first.device, first.shape[-1]) if graph is None else graph
-        self.unit_room = unit_room
+        # A step must always fit: decoding adds one unit at most, a chunk tokens / unit_size.
+        self.unit_room = max(unit_room, tokens // cache.config.unit_size, 1)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         self._start()
@@ -79,28 +82,33 @@ class StaticSteps:
         return out.logits[:, -1]
 
     def _capture(self) -> None:
-        # A warm-up run compiles kernels and fills allocator pools. It changes device state
-        # (counts advanced, mass added, a chunk packed and its window moved), which is put back
-        # before capturing.
+        self._warm_up()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), self._armed():
+            self.logits = self._forward()
+
+    def _warm_up(self) -> None:
+        """One step run and undone: compiles kernels and fills allocator pools before capturing.
+        What it changed on the device (counts advanced, mass added, a chunk packed and the window
+        moved) is put back; pool rows it wrote lie past the unit count and are overwritten."""
         saved = [
             [part.buffer.clone() for part in (*layer.local, layer.local_rotated)]
             + [layer.counts.clone()]
             for layer in self.layers
         ]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
+        stream = torch.cuda.Stream() if self.input_ids.is_cuda else None
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream())
         try:
-            with torch.cuda.stream(stream):
+            with torch.cuda.stream(stream) if stream else nullcontext(), self._armed():
                 self._forward()
         finally:
-            torch.cuda.current_stream().wait_stream(stream)
+            if stream is not None:
+                torch.cuda.current_stream().wait_stream(stream)
             for layer, copies in zip(self.layers, saved, strict=True):
                 targets = [part.buffer for part in (*layer.local, layer.local_rotated)]
                 for target, copy in zip([*targets, layer.counts], copies, strict=True):
                     target.copy_(copy)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._forward()
 
     @torch.inference_mode()
     def run(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -108,7 +116,9 @@ class StaticSteps:
         buffer the next step overwrites)."""
         if tuple(input_ids.shape) != tuple(self.input_ids.shape):
             raise ValueError(f"static steps take {tuple(self.input_ids.shape)} token ids")
-        if any(self._needs_room(layer) for layer in self.layers):
+        if any(layer.counts is None for layer in self.layers):
+            self._start()  # closed, or ordinary steps ran in between: start (capture) again
+        elif any(self._needs_room(layer) for layer in self.layers):
             self.unit_room *= 2  # the pool must move: capture again, with more room
             self._start()
         for layer in self.layers:
@@ -118,10 +128,22 @@ class StaticSteps:
             self.graph.replay()
             logits = self.logits
         else:
-            logits = self._forward()
+            with self._armed():
+                logits = self._forward()
         for layer in self.layers:
             layer.after_static_step()
         return logits
+
+    @contextmanager
+    def _armed(self) -> Iterator[None]:
+        """Model steps inside take the layers' static path."""
+        for layer in self.layers:
+            layer.static_armed = True
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer.static_armed = False
 
     def _needs_room(self, layer) -> bool:
         adds = self.tokens > 1 or layer.n_local + 1 > layer.config.n_local
@@ -145,8 +167,9 @@ class StaticDecoder(StaticSteps):
 
 
 def _graphable(cache, tokens: int) -> bool:
-    """Whether steps of `tokens` tokens over this cache can be captured now."""
-    if not isinstance(cache, AgentMemCache) or not cache.memory_layers:
+    """Whether steps of `tokens` tokens over this cache can be captured now (and no capture
+    has failed in this process)."""
+    if _capture_failures or not isinstance(cache, AgentMemCache) or not cache.memory_layers:
         return False
     if any(isinstance(layer.state, SlidingLayer) for layer in cache.layers):
         return False

@@ -36,6 +36,7 @@ class ModelRope:
         takes_layer_type = "layer_type" in inspect.signature(module.forward).parameters
         self._kwargs = {"layer_type": layer_type} if takes_layer_type and layer_type else {}
         self._tables: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._retired: list[tuple[torch.Tensor, torch.Tensor]] = []  # smaller, replaced tables
 
     def cos_sin(
         self, positions: torch.Tensor, dtype: torch.dtype, limit: int
@@ -58,5 +59,7 @@ class ModelRope:
             like = torch.empty(0, dtype=dtype, device=device)
             positions = torch.arange(size, device=device)[None]
             cos, sin = self.module(like, positions, **self._kwargs)  # [1, size, D]
+            if key in self._tables:  # a captured CUDA graph may still read the old one
+                self._retired.append(self._tables[key])
             table = self._tables[key] = (cos[0], sin[0])
         return table

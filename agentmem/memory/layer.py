@@ -76,6 +76,7 @@ class MemoryLayer:
         self.pending = _PendingKV()
         self.counts: torch.Tensor | None = None  # static mode: [local length, units] int32
         self.static_tokens = 1  # tokens per static step
+        self.static_armed = False  # set by agentmem.hf.graphs around the static steps it runs
 
     @property
     def local_k(self) -> torch.Tensor | None:
@@ -177,7 +178,11 @@ class MemoryLayer:
         """
         k_new, v_new = self.pending.take(q.shape[2])
         if self.counts is not None:
-            return self._static_step(q, k_new, v_new, scale).to(q.dtype)
+            if self.static_armed:
+                return self._static_step(q, k_new, v_new, scale).to(q.dtype)
+            # An ordinary step between static ones (another caller on this memory): the host's
+            # records are the truth; static mode ends, its owner starts it again when it resumes.
+            self.stop_static()
         limit = self.config.exec_chunk if self.config.position != "full" else q.shape[2]
         outs = []
         for first in range(0, q.shape[2], limit):

@@ -266,6 +266,7 @@ def memory_attention(
         ids = torch.empty(1, 1, 1, dtype=torch.int32, device=q.device)
     cos, sin = (x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
                 for x in (cos, sin))  # fmt: skip
+    ids = ids if ids.stride(-1) == 1 else ids.contiguous()
 
     rows = group * n_queries
     launch = _launch_config(rows, head_dim, rotates=stacked or not local_rotated)
@@ -287,7 +288,7 @@ def memory_attention(
         q.stride(0), q.stride(1), q.stride(2),
         sink_k.stride(0), sink_k.stride(1), sink_k.stride(2),
         pool_k.stride(0), pool_k.stride(1), pool_k.stride(2),
-        ids.stride(0), ids.stride(1),
+        ids.stride(0), ids.stride(1),  # ids rows are read densely (made so above)
         local_k.stride(0), local_k.stride(1), local_k.stride(2),
         cos.stride(0),
         n_queries, n_kv_heads, rows, n_sinks, n_unit_keys, memory_q_pos,
@@ -337,7 +338,15 @@ def unit_mass_kernel(
     o_d = tl.arange(0, D)
     n_blocks = tl.num_programs(1)
     b_mass = tl.zeros([BN], tl.float32)
-    for i_r in range(0, ROWS, BM):
+    # Blocks past the last unit (a pool's spare capacity) compute nothing.
+    rows = tl.where(i_n * BN < _count(n_valid, N_ON_DEVICE), ROWS, 0)
+    if PASS == 1:
+        for i_r in range(rows, ROWS, BM):  # their statistics: no mass anywhere
+            o_r = i_r + tl.arange(0, BM)
+            p_stats = (i_bh * n_blocks + i_n) * ROWS + o_r
+            tl.store(stats_m + p_stats, tl.full([BM], float("-inf"), tl.float32), mask=o_r < ROWS)
+            tl.store(stats_l + p_stats, tl.zeros([BM], tl.float32), mask=o_r < ROWS)
+    for i_r in range(0, rows, BM):
         o_r = i_r + tl.arange(0, BM)
         m_r = o_r < ROWS
         i_g, i_t = o_r // T, o_r % T

@@ -147,15 +147,48 @@ def test_a_failed_capture_leaves_ordinary_steps_working(monkeypatch, caplog):
     prefill(model, ordinary, tokens[:, :100], chunk=16)
 
     def broken_capture(self):
-        self._forward()  # the warm-up runs (and changes the memory), then the capture fails
-        raise RuntimeError("capture failed")
+        self._warm_up()  # the warm-up runs (and changes the memory, then undoes it) ...
+        raise RuntimeError("capture failed")  # ... and the capture fails
 
     monkeypatch.setattr(graphs, "capturable", lambda *args: True)
     monkeypatch.setattr(graphs.StaticSteps, "_capture", broken_capture)
     assert graphs.static_decoder(model, failing, 64) is None
     assert "capture failed" in caplog.text
-    assert all(layer.counts is None for layer in failing.memory_layers)
+    for a, b in zip(failing.memory_layers, ordinary.memory_layers, strict=True):
+        # Starting packed the full window's oldest unit (as the next step would have); the
+        # warm-up's mass was undone.
+        packed = b.n_local - a.n_local
+        assert a.counts is None and a.seen == b.seen and packed in (0, CONFIG.unit_size)
+        assert a.units.n_units == b.units.n_units + packed // CONFIG.unit_size
+        torch.testing.assert_close(a.local_mass, b.local_mass[..., packed:])
     for token in tokens[:, 100:].T:
         torch.testing.assert_close(
             decode_one_token(model, failing, token), decode_one_token(model, ordinary, token)
         )
+
+
+def test_ordinary_steps_between_static_ones_and_after_close():
+    """Another caller's ordinary step ends static mode (the host's records stay the truth); the
+    decoder starts again on its next step; run after close starts again too."""
+    torch.manual_seed(4)
+    config = LlamaConfig(**{**COMMON, "vocab_size": 1024, "head_dim": 32})
+    model = LlamaForCausalLM(config).to(DEVICE).eval()
+    agentmem.wrap(model, CONFIG)
+    tokens = (torch.randperm(1021)[:140] + 3).view(1, -1).to(DEVICE)
+    mixed, ordinary = agentmem.new_cache(model), agentmem.new_cache(model)
+    prefill(model, mixed, tokens[:, :100], chunk=16)
+    prefill(model, ordinary, tokens[:, :100], chunk=16)
+    decoder = StaticDecoder(model, mixed, graph=False)
+    for i, token in enumerate(tokens[:, 100:].T):
+        want = decode_one_token(model, ordinary, token)
+        if i % 5 == 2:
+            got = decode_one_token(model, mixed, token)  # ordinary, in between
+            assert all(layer.counts is None for layer in mixed.memory_layers)
+        elif i == 30:
+            decoder.close()
+            got = decoder.step(token)
+        else:
+            got = decoder.step(token)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for a, b in zip(mixed.memory_layers, ordinary.memory_layers, strict=True):
+        assert a.seen == b.seen == 140 and a.n_local == b.n_local

@@ -240,3 +240,17 @@ def test_memory_attention_returns_the_local_keys_mass(rotated):
         _, _, mass = implementation(**case, with_local_mass=True)
         torch.testing.assert_close(mass, want, atol=1e-5, rtol=1e-5)
         assert mass.shape == (2, 2, 48) and torch.all(mass[..., 40:] == 0)
+
+
+def test_unit_mass_skips_spare_capacity():
+    """A pool with room for many more units than it holds: blocks past the count compute
+    nothing and their units get -1 (decode keeps logits between passes; prefill recomputes)."""
+    torch.manual_seed(6)
+    reps = torch.randn(1, 2, 300, 2, 32, device=DEVICE)
+    n_valid = torch.tensor([70], dtype=torch.int32, device=DEVICE)
+    for n_queries in (1, 20):
+        q = torch.randn(1, 4, n_queries, 32, device=DEVICE)
+        got = triton_memory.unit_mass(q, reps, kind="dot", scale=0.2, n_valid=n_valid)
+        want = reference.unit_mass(q, reps, kind="dot", scale=0.2, n_valid=n_valid)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert torch.all(got[..., 70:] == -1)
