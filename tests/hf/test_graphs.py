@@ -17,21 +17,33 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CONFIG = agentmem.MemoryConfig(n_init=4, unit_size=8, topk=2, n_local=24, exec_chunk=16)
 
 
+def _model_and_tokens(seed: int, n_tokens: int, batch: int = 1, memory=CONFIG):
+    """A wrapped Llama with Triton-sized heads, and token ids with no token twice: a first
+    layer's pre-RoPE keys depend on the token alone, and two units with the same representative
+    tie exactly, which top-k may break either way."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**COMMON, "vocab_size": 1024, "head_dim": 32})
+    model = LlamaForCausalLM(config).to(DEVICE).eval()
+    agentmem.wrap(model, memory)
+    tokens = torch.stack([torch.randperm(1021)[:n_tokens] + 3 for _ in range(batch)])
+    return model, tokens.to(DEVICE)
+
+
+def _twin_caches(model, prompt, memory=None):
+    """Two memories that have read the same prompt."""
+    caches = agentmem.new_cache(model, memory), agentmem.new_cache(model, memory)
+    for cache in caches:
+        prefill(model, cache, prompt, chunk=16)
+    return caches
+
+
 @pytest.mark.parametrize("position", ["infllm", "stacked"])
 @pytest.mark.parametrize("repr", ["attention", "mean"])
 def test_static_steps_equal_ordinary_steps(position, repr):
-    # No token twice: a first layer's pre-RoPE keys depend on the token alone, and two units with
-    # the same representative tie exactly, which top-k may break either way.
-    torch.manual_seed(0)
-    config = LlamaConfig(**{**COMMON, "vocab_size": 1024, "head_dim": 32})  # Triton-sized heads
-    model = LlamaForCausalLM(config).to(DEVICE).eval()
-    agentmem.wrap(model, CONFIG)
+    model, tokens = _model_and_tokens(0, 180, batch=2)
     config = CONFIG.model_copy(update={"position": position, "repr": repr})
-    tokens = torch.stack([torch.randperm(1021)[:180] + 3 for _ in range(2)]).to(DEVICE)
     prompt, follow = tokens[:, :100], tokens[:, 100:]
-    ordinary, static = agentmem.new_cache(model, config), agentmem.new_cache(model, config)
-    prefill(model, ordinary, prompt, chunk=16)
-    prefill(model, static, prompt, chunk=16)
+    ordinary, static = _twin_caches(model, prompt, config)
     # unit_room=1: the pool fills within the 80 steps and must grow (capture again)
     decoder = StaticDecoder(model, static, unit_room=1)
     for token in follow.T:
@@ -72,15 +84,9 @@ def test_sliding_layers_are_refused():
 
 @pytest.mark.parametrize("repr", ["attention", "minmax"])
 def test_static_prefill_chunks_equal_ordinary_chunks(repr):
-    torch.manual_seed(1)
-    config = LlamaConfig(**{**COMMON, "vocab_size": 1024, "head_dim": 32})
-    model = LlamaForCausalLM(config).to(DEVICE).eval()
     memory = CONFIG.model_copy(update={"repr": repr})  # chunks of 16 = 2 units of 8
-    agentmem.wrap(model, memory)
-    tokens = torch.stack([torch.randperm(1021)[:300] + 3 for _ in range(2)]).to(DEVICE)
-    ordinary, static = agentmem.new_cache(model), agentmem.new_cache(model)
-    prefill(model, ordinary, tokens[:, :60], chunk=16)
-    prefill(model, static, tokens[:, :60], chunk=16)
+    model, tokens = _model_and_tokens(1, 300, batch=2, memory=memory)
+    ordinary, static = _twin_caches(model, tokens[:, :60])
     steps = StaticSteps(model, static, tokens=16, unit_room=4)  # grows twice on the way
     with torch.inference_mode():  # the caches' tensors were made under inference mode
         for first in range(60, 300, 16):
@@ -105,11 +111,7 @@ def test_prefill_steps_static_chunks_then_a_shorter_last_piece(monkeypatch):
     same logits and memory as ordinary chunks, a last piece shorter than a chunk included."""
     import agentmem.generate as generate
 
-    torch.manual_seed(2)
-    config = LlamaConfig(**{**COMMON, "vocab_size": 1024, "head_dim": 32})
-    model = LlamaForCausalLM(config).to(DEVICE).eval()
-    agentmem.wrap(model, CONFIG)
-    tokens = (torch.randperm(1021)[:250] + 3).view(1, -1).to(DEVICE)
+    model, tokens = _model_and_tokens(2, 250)
     used = []
 
     def eager_static_chunks(model, cache, tokens, remaining):
@@ -137,14 +139,8 @@ def test_a_failed_capture_leaves_ordinary_steps_working(monkeypatch, caplog):
     the memory as it was, and the log says why, once."""
     import agentmem.hf.graphs as graphs
 
-    torch.manual_seed(3)
-    config = LlamaConfig(**{**COMMON, "vocab_size": 1024, "head_dim": 32})
-    model = LlamaForCausalLM(config).to(DEVICE).eval()
-    agentmem.wrap(model, CONFIG)
-    tokens = (torch.randperm(1021)[:110] + 3).view(1, -1).to(DEVICE)
-    failing, ordinary = agentmem.new_cache(model), agentmem.new_cache(model)
-    prefill(model, failing, tokens[:, :100], chunk=16)
-    prefill(model, ordinary, tokens[:, :100], chunk=16)
+    model, tokens = _model_and_tokens(3, 110)
+    failing, ordinary = _twin_caches(model, tokens[:, :100])
 
     def broken_capture(self):
         self._warm_up()  # the warm-up runs (and changes the memory, then undoes it) ...
@@ -170,14 +166,8 @@ def test_a_failed_capture_leaves_ordinary_steps_working(monkeypatch, caplog):
 def test_ordinary_steps_between_static_ones_and_after_close():
     """Another caller's ordinary step ends static mode (the host's records stay the truth); the
     decoder starts again on its next step; run after close starts again too."""
-    torch.manual_seed(4)
-    config = LlamaConfig(**{**COMMON, "vocab_size": 1024, "head_dim": 32})
-    model = LlamaForCausalLM(config).to(DEVICE).eval()
-    agentmem.wrap(model, CONFIG)
-    tokens = (torch.randperm(1021)[:140] + 3).view(1, -1).to(DEVICE)
-    mixed, ordinary = agentmem.new_cache(model), agentmem.new_cache(model)
-    prefill(model, mixed, tokens[:, :100], chunk=16)
-    prefill(model, ordinary, tokens[:, :100], chunk=16)
+    model, tokens = _model_and_tokens(4, 140)
+    mixed, ordinary = _twin_caches(model, tokens[:, :100])
     decoder = StaticDecoder(model, mixed, graph=False)
     for i, token in enumerate(tokens[:, 100:].T):
         want = decode_one_token(model, ordinary, token)
