@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,32 +21,13 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 import agentmem
 from agentmem.hf.rope import ModelRope
 from agentmem.memory.layer import MemoryLayer
+from benchmarks.timing import median_ms
 
 SHAPES = {
     # name: (query heads, key heads, head dim, layers, rope theta)
     "llama-3.2-1b": (32, 8, 64, 16, 500000.0),
     "llama-3.1-8b": (32, 8, 128, 32, 500000.0),
 }
-
-
-def _time_ms(fn, repeats: int) -> float:
-    """Median of `repeats` timed calls (CUDA events on a GPU), after warm-up."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def _filled_layer(shape, memory: agentmem.MemoryConfig, n_tokens: int, device) -> MemoryLayer:
@@ -84,9 +64,9 @@ def measure_size(shape_name: str, size: int, memory: agentmem.MemoryConfig, repe
 
     row = {
         "shape": shape_name, "tokens": size, "layers": n_layers,
-        "agentmem_decode_ms": _time_ms(lambda: step(q1, k1), repeats),
-        "agentmem_retrieve_ms": _time_ms(lambda: layer._retrieve(q1, scale), repeats),
-        "agentmem_chunk_ms": _time_ms(lambda: step(qc, kc), max(repeats // 5, 3)),
+        "agentmem_decode_ms": median_ms(lambda: step(q1, k1), repeats),
+        "agentmem_retrieve_ms": median_ms(lambda: layer._retrieve(q1, scale), repeats),
+        "agentmem_chunk_ms": median_ms(lambda: step(qc, kc), max(repeats // 5, 3)),
         "agentmem_layer_bytes": layer.nbytes(),
         "full_decode_ms": None, "full_chunk_ms": None,
     }  # fmt: skip
@@ -95,9 +75,9 @@ def measure_size(shape_name: str, size: int, memory: agentmem.MemoryConfig, repe
         keys = torch.randn(1, n_kv, size, head_dim, **bf16)
         values = torch.randn_like(keys)
         full = F.scaled_dot_product_attention
-        row["full_decode_ms"] = _time_ms(lambda: full(q1, keys, values, enable_gqa=True), repeats)
+        row["full_decode_ms"] = median_ms(lambda: full(q1, keys, values, enable_gqa=True), repeats)
         # The last prefill chunk of full attention: exec_chunk queries over every key.
-        row["full_chunk_ms"] = _time_ms(
+        row["full_chunk_ms"] = median_ms(
             lambda: full(qc, keys, values, enable_gqa=True), max(repeats // 5, 3)
         )
     except torch.OutOfMemoryError:  # full attention no longer fits

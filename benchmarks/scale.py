@@ -36,6 +36,7 @@ from agentmem.generate import prefill
 from agentmem.hf.graphs import StaticDecoder
 from agentmem.memory.representatives import representatives
 from agentmem_kernels import memory_attention, top_units, unit_mass
+from benchmarks.timing import median_ms
 
 SHAPES = {
     "llama-3.2-1b": dict(
@@ -68,21 +69,6 @@ def build_model(shape: str) -> LlamaForCausalLM:
     finally:
         torch.set_default_dtype(torch.float32)
     return model
-
-
-def cuda_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
-    """Median milliseconds of `repeats` calls, timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def graphed(fn: Callable[[], object]) -> Callable[[], None]:
@@ -161,8 +147,8 @@ def decode_agentmem(model, memory, shape: str, n_tokens: int, steps: int) -> dic
     def retrieve():
         layer._retrieve(q, head_dim**-0.5, n_units=layer.counts[1:2])
 
-    row["layer_step_ms"] = cuda_ms(graphed(layer_step), 50)
-    row["retrieve_ms"] = cuda_ms(graphed(retrieve), 50)
+    row["layer_step_ms"] = median_ms(graphed(layer_step), 50)
+    row["retrieve_ms"] = median_ms(graphed(retrieve), 50)
     row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     row["memory_gib"] = cache.nbytes() / 2**30
     decoder.close()
@@ -207,7 +193,7 @@ def decode_full(model, shape: str, n_tokens: int) -> dict:
             for layer in cache.layers:
                 layer.keys.normal_()
                 layer.values.normal_()
-            ms = cuda_ms(graphed(step), 30)
+            ms = median_ms(graphed(step), 30)
             peak = torch.cuda.max_memory_allocated() / 2**30
             cache = None  # free its memory before the next measurement
         finally:
@@ -216,7 +202,7 @@ def decode_full(model, shape: str, n_tokens: int) -> dict:
                            ("num_attention_heads", "num_key_value_heads", "head_dim"))  # fmt: skip
     q = torch.randn(1, n_q, 1, head_dim, device="cuda", dtype=BF16)
     k = torch.randn(1, n_kv, n_tokens + 1, head_dim, device="cuda", dtype=BF16)
-    layer_ms = cuda_ms(lambda: F.scaled_dot_product_attention(q, k, k, enable_gqa=True), 30)
+    layer_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, k, enable_gqa=True), 30)
     return {"full_decode_ms": ms, "full_layer_ms": layer_ms, "full_peak_gib": peak}
 
 
@@ -262,10 +248,10 @@ def prefill_full(model, n_tokens: int) -> dict:
 
 def ceilings() -> dict:
     a = torch.randn(8192, 8192, device="cuda", dtype=BF16)
-    matmul_ms = cuda_ms(lambda: a @ a, 20)
+    matmul_ms = median_ms(lambda: a @ a, 20)
     x = torch.empty(2**30 // 2, device="cuda", dtype=BF16)  # 1 GiB
     y = torch.empty_like(x)
-    copy_ms = cuda_ms(lambda: y.copy_(x), 20)
+    copy_ms = median_ms(lambda: y.copy_(x), 20)
     return {"matmul_tflops": 2 * 8192**3 / matmul_ms / 1e9, "copy_gbs": 2 * 2**30 / copy_ms / 1e6}
 
 
@@ -293,7 +279,7 @@ def kernel_efficiency(shape: str, memory: agentmem.MemoryConfig, rope_table) -> 
     for name, n_queries in (("prefill", memory.exec_chunk), ("decode", 1)):
         q = randn(1, n_q, n_queries, head_dim)
         k = randn(1, n_kv, n_keys, head_dim)
-        ours = cuda_ms(graphed(lambda q=q: memory_attention(
+        ours = median_ms(graphed(lambda q=q: memory_attention(
             q, sink_k=sinks, sink_v=sinks, pool_k=pool_k, pool_v=pool_v, ids=ids,
             unit_size=memory.unit_size, local_k=local, local_v=local, n_local=n_local,
             cos=cos, sin=sin, scale=head_dim**-0.5, memory_q_pos=memory.n_local,
@@ -303,7 +289,7 @@ def kernel_efficiency(shape: str, memory: agentmem.MemoryConfig, rope_table) -> 
         def sdpa_step(q=q, k=k):
             return F.scaled_dot_product_attention(q, k, k, enable_gqa=True)
 
-        sdpa = cuda_ms(graphed(sdpa_step), 50)
+        sdpa = median_ms(graphed(sdpa_step), 50)
         flops = 4 * n_q * n_queries * n_keys * head_dim
         read = 2 * n_kv * n_keys * head_dim * 2  # keys and values, bf16
         row[f"{name}_ms"], row[f"{name}_sdpa_ms"] = ours, sdpa
@@ -324,7 +310,7 @@ def retrieval(shape: str, memory: agentmem.MemoryConfig, n_tokens: int) -> dict:
     row = {}
     for name, n_queries in (("decode", 1), ("prefill", memory.exec_chunk)):
         q = torch.randn(1, n_q, n_queries, head_dim, device="cuda", dtype=BF16)
-        row[f"retrieve_{name}_ms"] = cuda_ms(graphed(lambda q=q: top_units(
+        row[f"retrieve_{name}_ms"] = median_ms(graphed(lambda q=q: top_units(
             unit_mass(q, reps, kind="dot", scale=head_dim**-0.5, n_valid=n_valid), memory.topk
         )), 30)  # fmt: skip
     return row
