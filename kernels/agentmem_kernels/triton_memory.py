@@ -264,8 +264,7 @@ def memory_attention(
     else:
         pool_k, pool_v = local_k, local_v  # never read
         ids = torch.empty(1, 1, 1, dtype=torch.int32, device=q.device)
-    cos, sin = (x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
-                for x in (cos, sin))  # fmt: skip
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()  # no copy if already so
     ids = ids if ids.stride(-1) == 1 else ids.contiguous()
 
     rows = group * n_queries
@@ -529,8 +528,7 @@ def local_key_mass(
     if (reason := supports(q)) is not None:
         raise ValueError(f"the Triton kernel cannot run this: {reason}")
     on_device = isinstance(n_local, torch.Tensor)
-    cos, sin = (x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
-                for x in (cos, sin))  # fmt: skip
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()  # no copy if already so
     if not local_rotated:
         local_k = reference.rope(local_k.float(), cos[:capacity], sin[:capacity]).to(local_k.dtype)
     q, local_k = _last_dim_dense(q), _last_dim_dense(local_k)
