@@ -119,7 +119,7 @@ class PlainRope:
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype, limit: int | None = None):
         assert limit is None or int(positions.max()) < limit
-        angles = positions.to(torch.float64)[..., None] * self.inv_freq
+        angles = positions.to(torch.float64)[..., None] * self.inv_freq.to(positions.device)
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 

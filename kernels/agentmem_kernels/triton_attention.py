@@ -16,6 +16,10 @@ import triton.language as tl
 from agentmem_kernels.reference import key_mass
 
 NO_LIMIT = 2**30  # "no max_dist"
+# How fp32 inputs are multiplied: three tf32 tensor-core products (hi*hi + hi*lo + lo*hi), about
+# fp32's accuracy. Plain fp32 ("ieee") dots run as FMA loops: a Gemma-3 fp32 prefill chunk spent
+# 47 ms per global layer in the memory attention that way on an H100, and compiled for minutes.
+FP32_DOT = tl.constexpr("tf32x3")
 
 
 def _alloc(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -89,9 +93,9 @@ def placed_attention_fwd_kernel(
             b_kr1 = (b_k1 * b_kc1 - b_k2 * b_ks1).to(dot_ty)
             b_kr2 = (b_k2 * b_kc2 + b_k1 * b_ks2).to(dot_ty)
             # [BM, BN] scaled logits, masked by distance in the stream
-            if EXACT:  # fp32 inputs: full-precision products, not tf32
-                b_s = tl.dot(b_r1, tl.trans(b_kr1), input_precision="ieee")
-                b_s += tl.dot(b_r2, tl.trans(b_kr2), input_precision="ieee")
+            if EXACT:  # fp32 inputs: near-fp32 products (FP32_DOT), not one tf32 pass
+                b_s = tl.dot(b_r1, tl.trans(b_kr1), input_precision=FP32_DOT)
+                b_s += tl.dot(b_r2, tl.trans(b_kr2), input_precision=FP32_DOT)
             else:
                 b_s = tl.dot(b_r1, tl.trans(b_kr1)) + tl.dot(b_r2, tl.trans(b_kr2))
             dist = b_qa[:, None] - b_ka[None, :]
@@ -105,7 +109,7 @@ def placed_attention_fwd_kernel(
             p_v = v + p_kv + o_k[:, None] * stride_kk + o_d[None, :]
             b_v = tl.load(p_v, mask=m_k[:, None], other=0.0)
             if EXACT:
-                b_pv = tl.dot(b_p, b_v.to(tl.float32), input_precision="ieee")
+                b_pv = tl.dot(b_p, b_v.to(tl.float32), input_precision=FP32_DOT)
             else:
                 b_pv = tl.dot(b_p.to(b_v.dtype), b_v)
             b_acc = b_acc * b_alpha[:, None] + b_pv

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from agentmem_kernels import reference, triton_attention
-from agentmem_kernels.triton_attention import supports
+from agentmem_kernels.triton_attention import FP32_DOT, supports
 
 LOG2E = 1.4426950408889634
 LOG2E_C = tl.constexpr(LOG2E)
@@ -51,29 +51,39 @@ def _rotated(x, p_x, b_pos, m_x, cos, sin, stride_cn, D: tl.constexpr):
 @triton.jit
 def _attend_block(
     b_q, p_k, p_v, m_k, b_kpos, m_vis, cos, sin, stride_cn, b_m, b_l, b_acc, qk_scale,
-    D: tl.constexpr, ROTATE: tl.constexpr, EXACT: tl.constexpr,
+    D: tl.constexpr, ROTATE: tl.constexpr, EXACT: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
     """One block of keys into the online softmax (base-2 logits). b_q [BM, D]: rotated queries;
-    p_k, p_v [BN]: row pointers; m_vis [BM, BN]: which key each row sees; ROTATE: rotate the keys
-    to b_kpos here (else they are stored rotated, or sit at position 0)."""
+    p_k, p_v [BN]: row pointers; m_k [BN]: keys that exist; m_vis [BM, BN]: which key each row
+    sees; ROTATE: rotate the keys to b_kpos here (else they are stored rotated, or sit at position
+    0). MASKED=False: every row sees every key of the block, so no mask is applied (most blocks)."""
     o_d = tl.arange(0, D)
-    b_k = tl.load(p_k[:, None] + o_d[None, :], mask=m_k[:, None], other=0.0)
+    if MASKED:
+        b_k = tl.load(p_k[:, None] + o_d[None, :], mask=m_k[:, None], other=0.0)
+    else:
+        b_k = tl.load(p_k[:, None] + o_d[None, :])
     if ROTATE:
         b_k = _rotated(b_k, p_k, b_kpos, m_k, cos, sin, stride_cn, D)
     b_k = b_k.to(b_q.dtype)
-    if EXACT:  # fp32 inputs: full-precision products, not tf32
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+    if EXACT:  # fp32 inputs: near-fp32 products (FP32_DOT), not one tf32 pass
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=FP32_DOT)
     else:
         b_s = tl.dot(b_q, tl.trans(b_k))
-    b_s = tl.where(m_vis & m_k[None, :], b_s * qk_scale, float("-inf"))
+    if MASKED:
+        b_s = tl.where(m_vis & m_k[None, :], b_s * qk_scale, float("-inf"))
+    else:
+        b_s = b_s * qk_scale
     b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
     b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # rows that saw nothing yet
     b_alpha = tl.exp2(b_m - b_m_safe)
     b_p = tl.exp2(b_s - b_m_safe[:, None])
     b_l = b_l * b_alpha + tl.sum(b_p, 1)
-    b_v = tl.load(p_v[:, None] + o_d[None, :], mask=m_k[:, None], other=0.0)
+    if MASKED:
+        b_v = tl.load(p_v[:, None] + o_d[None, :], mask=m_k[:, None], other=0.0)
+    else:
+        b_v = tl.load(p_v[:, None] + o_d[None, :])
     if EXACT:
-        b_pv = tl.dot(b_p, b_v.to(tl.float32), input_precision="ieee")
+        b_pv = tl.dot(b_p, b_v.to(tl.float32), input_precision=FP32_DOT)
     else:
         b_pv = tl.dot(b_p.to(b_v.dtype), b_v)
     return b_m_new, b_l, b_acc * b_alpha[:, None] + b_pv
@@ -94,7 +104,7 @@ def memory_attention_fwd_kernel(
     G: tl.constexpr, D: tl.constexpr, U: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, NSPLIT: tl.constexpr,
     STACKED: tl.constexpr, ROTATE_LOCAL: tl.constexpr, EXACT: tl.constexpr,
-    N_ON_DEVICE: tl.constexpr,
+    N_ON_DEVICE: tl.constexpr, EVEN_MEMORY: tl.constexpr,
 ):  # fmt: skip
     i_bh, i_m, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // HKV, i_bh % HKV
@@ -130,7 +140,7 @@ def memory_attention_fwd_kernel(
         p_v = sink_v + i_b * stride_sb + i_h * stride_sh + o_k * stride_sk
         b_m, b_l, b_acc = _attend_block(
             b_mq, p_k, p_v, m_k, o_k, m_r[:, None], cos, sin, stride_cn,
-            b_m, b_l, b_acc, mem_scale, D, STACKED, EXACT,
+            b_m, b_l, b_acc, mem_scale, D, STACKED, EXACT, not EVEN_MEMORY,
         )  # fmt: skip
     per_split = tl.cdiv(tl.cdiv(N_UNIT_KEYS, BN), NSPLIT) * BN
     lo = i_s * per_split
@@ -143,7 +153,7 @@ def memory_attention_fwd_kernel(
         p_v = pool_v + i_b * stride_pb + i_h * stride_ph + o_row * stride_pk
         b_m, b_l, b_acc = _attend_block(
             b_mq, p_k, p_v, m_k, o_k % U, m_r[:, None], cos, sin, stride_cn,
-            b_m, b_l, b_acc, mem_scale, D, STACKED, EXACT,
+            b_m, b_l, b_acc, mem_scale, D, STACKED, EXACT, not EVEN_MEMORY,
         )  # fmt: skip
     # Local window: true distances, causal; the queries are its last T keys.
     b_qpos = tl.maximum(n - T + i_t, 0)
@@ -151,7 +161,17 @@ def memory_attention_fwd_kernel(
     per_split = tl.cdiv(tl.cdiv(n, BN), NSPLIT) * BN
     lo = i_s * per_split
     hi = tl.minimum(lo + per_split, tl.max(tl.where(m_r, b_qpos, 0)) + 1)  # causal: no key past
-    for i_k in range(lo, hi, BN):
+    # Blocks before the tile's first query position are seen whole by every row: no mask.
+    seen_by_all = (tl.min(tl.where(m_r, b_qpos, n)) + 1) // BN * BN
+    for i_k in range(lo, tl.minimum(hi, seen_by_all), BN):
+        o_k = i_k + tl.arange(0, BN)
+        p_k = local_k + i_b * stride_lb + i_h * stride_lh + o_k * stride_lk
+        p_v = local_v + i_b * stride_lb + i_h * stride_lh + o_k * stride_lk
+        b_m, b_l, b_acc = _attend_block(
+            b_lq, p_k, p_v, o_k < n, o_k, m_r[:, None], cos, sin, stride_cn,
+            b_m, b_l, b_acc, qk_scale, D, ROTATE_LOCAL, EXACT, False,
+        )  # fmt: skip
+    for i_k in range(tl.maximum(lo, seen_by_all), hi, BN):  # the causal edge
         o_k = i_k + tl.arange(0, BN)
         m_k = o_k < n
         p_k = local_k + i_b * stride_lb + i_h * stride_lh + o_k * stride_lk
@@ -159,7 +179,7 @@ def memory_attention_fwd_kernel(
         m_vis = (o_k[None, :] <= b_qpos[:, None]) & m_r[:, None]
         b_m, b_l, b_acc = _attend_block(
             b_lq, p_k, p_v, m_k, o_k, m_vis, cos, sin, stride_cn,
-            b_m, b_l, b_acc, qk_scale, D, ROTATE_LOCAL, EXACT,
+            b_m, b_l, b_acc, qk_scale, D, ROTATE_LOCAL, EXACT, True,
         )  # fmt: skip
 
     _store_rows(acc_out, m_out, l_out, (i_s * tl.num_programs(0) + i_bh) * ROWS + o_r, m_r,
@@ -206,17 +226,21 @@ def merge_splits_kernel(acc, maxes, sums, out, lse, N_ROWS, D: tl.constexpr, NSP
     _store_rows(out, lse, lse, o_r, m_r, b_acc, b_safe, b_l, D, True)
 
 
-def _launch_config(rows: int, head_dim: int, rotates: bool = False) -> dict:
+def _launch_config(rows: int, head_dim: int, rotates: bool = False, element_size: int = 2) -> dict:
     """Block sizes by rows (decode: few), head size and whether keys are rotated in the kernel
-    (their cos/sin rows take shared memory too)."""
-    if rotates and rows > 16 and head_dim >= 128:
+    (their cos/sin rows take shared memory too). fp32 tiles take twice the registers and shared
+    memory of bf16 ones, so they are sized as a head twice as wide."""
+    width = head_dim * element_size // 2
+    if width > 256:  # fp32 at head 256 (Gemma 3): small tiles, or the registers spill
+        return dict(BM=16 if rows <= 16 else 32, BN=32, num_warps=4, num_stages=1)
+    if rotates and rows > 16 and width >= 128:
         return dict(BM=64, BN=32, num_warps=4, num_stages=1)
     # Measured on an H100 (bf16, a 4096-key window): see benchmarks/RESULTS.md.
     if rows <= 16:
-        return dict(BM=16, BN=32 if head_dim <= 64 else 64, num_warps=2, num_stages=2)
-    if head_dim <= 64:
+        return dict(BM=16, BN=32 if width <= 64 else 64, num_warps=2, num_stages=2)
+    if width <= 64:
         return dict(BM=128, BN=64, num_warps=4, num_stages=3)
-    if head_dim <= 128:
+    if width <= 128:
         return dict(BM=64, BN=64, num_warps=4, num_stages=3)
     return dict(BM=64, BN=32, num_warps=4, num_stages=1)
 
@@ -268,7 +292,9 @@ def memory_attention(
     ids = ids if ids.stride(-1) == 1 else ids.contiguous()
 
     rows = group * n_queries
-    launch = _launch_config(rows, head_dim, rotates=stacked or not local_rotated)
+    launch = _launch_config(
+        rows, head_dim, rotates=stacked or not local_rotated, element_size=q.element_size()
+    )
     row_tiles = triton.cdiv(rows, launch["BM"])
     n_keys = n_sinks + n_unit_keys + capacity
     # Decode has few rows: split the window so that every multiprocessor gets work.
@@ -293,6 +319,7 @@ def memory_attention(
         n_queries, n_kv_heads, rows, n_sinks, n_unit_keys, memory_q_pos,
         G=group, D=head_dim, U=unit_size, NSPLIT=splits, STACKED=stacked,
         ROTATE_LOCAL=not local_rotated, EXACT=q.dtype == torch.float32, N_ON_DEVICE=on_device,
+        EVEN_MEMORY=n_sinks % launch["BN"] == 0 and n_unit_keys % launch["BN"] == 0,
         **launch,
     )  # fmt: skip
     if splits > 1:
@@ -369,14 +396,14 @@ def unit_mass_kernel(
                     b_qp = tl.maximum(b_q, 0.0).to(b_q.dtype)
                     b_qn = tl.minimum(b_q, 0.0).to(b_q.dtype)
                     if EXACT:
-                        b_x = tl.dot(b_qp, tl.trans(b_hi), input_precision="ieee")
-                        b_x += tl.dot(b_qn, tl.trans(b_lo), input_precision="ieee")
+                        b_x = tl.dot(b_qp, tl.trans(b_hi), input_precision=FP32_DOT)
+                        b_x += tl.dot(b_qn, tl.trans(b_lo), input_precision=FP32_DOT)
                     else:
                         b_x = tl.dot(b_qp, tl.trans(b_hi)) + tl.dot(b_qn, tl.trans(b_lo))
                 else:
                     b_rep = tl.load(p_rep + i_rep * D, mask=m_n[:, None], other=0.0)
                     if EXACT:
-                        b_x = tl.dot(b_q, tl.trans(b_rep), input_precision="ieee")
+                        b_x = tl.dot(b_q, tl.trans(b_rep), input_precision=FP32_DOT)
                     else:
                         b_x = tl.dot(b_q, tl.trans(b_rep))
                 b_s = tl.maximum(b_s, b_x)
@@ -433,8 +460,9 @@ def unit_mass(
     if reps.stride(-1) != 1 or reps.stride(-2) != head_dim:
         reps = reps.contiguous()
     rows = group * n_queries
-    block_m = 16 if rows <= 16 else 64
-    block_n = 64 if head_dim <= 128 else 32
+    width = head_dim * q.element_size() // 2  # fp32 tiles weigh as a head twice as wide
+    block_m = 16 if rows <= 16 else 32 if width > 256 else 64
+    block_n = 64 if width <= 128 else 32
     n_blocks = triton.cdiv(capacity, block_n)
     store = rows <= 16
     stats_m = triton_attention._alloc((batch * n_kv_heads, n_blocks, rows), q.device)
@@ -501,7 +529,7 @@ def local_key_mass_kernel(
         b_q = tl.load(p_q[:, None] + o_d[None, :], mask=m_r[:, None], other=0.0)
         b_q = _rotated(b_q, p_q, b_qpos, m_r, cos, sin, stride_cn, D).to(b_k.dtype)
         if EXACT:
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=FP32_DOT)
         else:
             b_s = tl.dot(b_q, tl.trans(b_k))
         b_lse = tl.load(lse + i_bh * ROWS + o_r, mask=m_r, other=float("inf"))

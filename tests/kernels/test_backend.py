@@ -72,7 +72,8 @@ def test_triton_backend_matches_the_reference_in_a_model(restore_backends, posit
     # one global layer, six steps, each retrieving once there are more than topk units
     window = "memory_attention" if position in ("infllm", "stacked") else "placed_attention"
     assert launches.count(window) == 6
-    assert launches.count("unit_mass") >= 3
+    # fp32 scoring on a GPU goes to the reference (cuBLAS); the interpreter runs the kernel
+    assert launches.count("unit_mass") >= (0 if DEVICE == "cuda" else 3)
     torch.testing.assert_close(logits["triton"], logits["reference"], atol=1e-4, rtol=1e-4)
 
 

@@ -74,6 +74,14 @@ def test_prefill_chunk_over_several_row_tiles(stacked):
     _compare_memory(_memory_case(80, n_local=85, capacity=90, head_dim=64), stacked=stacked)
 
 
+@pytest.mark.parametrize("n_queries", [1, 80])
+def test_whole_blocks_take_the_unmasked_path(n_queries):
+    # 64 sinks and 4 x 16 unit keys fill whole key blocks (no masks there); 200 local keys put
+    # whole blocks before each tile's causal edge and a partial block after it.
+    case = _memory_case(n_queries, n_sinks=64, k=4, n_local=200, capacity=208, head_dim=64)
+    _compare_memory(case, as_tensor=n_queries == 1)
+
+
 @pytest.mark.parametrize("n_queries", [1, 12])
 def test_local_keys_stored_rotated(n_queries):
     """Keys kept rotated to their local positions give what pre-RoPE keys give."""
