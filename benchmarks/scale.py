@@ -10,8 +10,10 @@
   retrieval step's time per layer;
 - peak GPU memory against context length.
 
-Models are built from config with random bf16 weights (no download): Llama-3.2-1B and Llama-3.1-8B
-shapes. Memory for decode is filled with random keys and values (its prefill is measured apart).
+Models are built from config with random weights (no download): Llama-3.2-1B and Llama-3.1-8B
+shapes in bf16, and Gemma-3-270M's shape in fp32 (the dtype it is run in: it decodes digits badly
+in bf16; its sliding-window layers keep their own bounded window). Speed does not depend on the
+weights. Memory for decode is filled with random keys and values (its prefill is measured apart).
 
     python -m benchmarks.scale --shapes llama-3.2-1b --decode 4096,32768,131072,524288,1048576 \
         --prefill 32768,131072,1048576 --out benchmarks/results
@@ -28,7 +30,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers import (
+    AttentionInterface,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    StaticCache,
+)
 from transformers.masking_utils import AttentionMaskInterface
 
 import agentmem
@@ -40,12 +49,19 @@ from benchmarks.timing import median_ms
 
 SHAPES = {
     "llama-3.2-1b": dict(
+        family="llama", dtype=torch.bfloat16,
         hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
         num_key_value_heads=8, head_dim=64, tie_word_embeddings=True, rope_factor=32.0,
     ),
     "llama-3.1-8b": dict(
+        family="llama", dtype=torch.bfloat16,
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, head_dim=128, tie_word_embeddings=False, rope_factor=8.0,
+    ),
+    "gemma-3-270m": dict(  # 3 global layers (every 6th), 15 with a 512-token sliding window
+        family="gemma3", dtype=torch.float32,
+        hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, sliding_window=512,
     ),
 }  # fmt: skip
 BF16 = torch.bfloat16
@@ -53,19 +69,29 @@ FULL = "agentmem_bench_full"  # full attention over the first `_full_keys` keys 
 _full_keys = 0
 
 
-def build_model(shape: str) -> LlamaForCausalLM:
+def dtype_of(shape: str) -> torch.dtype:
+    return SHAPES[shape]["dtype"]
+
+
+def build_model(shape: str) -> torch.nn.Module:
     sizes = dict(SHAPES[shape])
-    factor = sizes.pop("rope_factor")
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": factor,
-            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192}  # fmt: skip
-    config = LlamaConfig(
-        **sizes, vocab_size=128256, max_position_embeddings=131072, rope_parameters=rope
-    )
-    torch.set_default_dtype(BF16)
+    family, dtype = sizes.pop("family"), sizes.pop("dtype")
+    if family == "gemma3":  # Gemma3TextConfig's defaults: thetas 10K / 1M, every 6th layer global
+        config = Gemma3TextConfig(**sizes, vocab_size=262144, max_position_embeddings=32768)
+        model_class = Gemma3ForCausalLM
+    else:
+        factor = sizes.pop("rope_factor")
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": factor,
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}  # fmt: skip
+        config = LlamaConfig(
+            **sizes, vocab_size=128256, max_position_embeddings=131072, rope_parameters=rope
+        )
+        model_class = LlamaForCausalLM
+    torch.set_default_dtype(dtype)
     try:
         with torch.device("cuda"):
-            model = LlamaForCausalLM(config).eval()
+            model = model_class(config).eval()
     finally:
         torch.set_default_dtype(torch.float32)
     return model
@@ -88,25 +114,32 @@ def graphed(fn: Callable[[], object]) -> Callable[[], None]:
 
 
 @torch.inference_mode()
-def fill_memory(cache: agentmem.AgentMemCache, n_tokens: int, n_kv: int, head_dim: int) -> None:
+def fill_memory(
+    cache: agentmem.AgentMemCache, n_tokens: int, n_kv: int, head_dim: int, dtype: torch.dtype
+) -> None:
     """Every memory layer holding `n_tokens` random tokens: sinks, units (with representatives)
-    and a full local window, as a prefill of that length leaves them."""
+    and a full local window, as a prefill of that length leaves them; sliding layers a full
+    window."""
+    for layer in cache.sliding_layers:
+        layer.k = torch.randn(1, n_kv, layer.window, head_dim, device="cuda", dtype=dtype)
+        layer.v = torch.randn_like(layer.k)
+        layer.seen = n_tokens
     for layer in cache.memory_layers:
         cfg = layer.config
         n_units = (n_tokens - cfg.n_init - cfg.n_local) // cfg.unit_size
-        layer.sink_k = torch.randn(1, n_kv, cfg.n_init, head_dim, device="cuda", dtype=BF16)
+        layer.sink_k = torch.randn(1, n_kv, cfg.n_init, head_dim, device="cuda", dtype=dtype)
         layer.sink_v = torch.randn_like(layer.sink_k)
         layer.units.start = cfg.n_init
         for first in range(0, n_units, 256):  # in slices: no full-size temporaries
             count = min(256, n_units - first)
-            keys = torch.randn(1, n_kv, count * cfg.unit_size, head_dim, device="cuda", dtype=BF16)
+            keys = torch.randn(1, n_kv, count * cfg.unit_size, head_dim, device="cuda", dtype=dtype)
             mass = torch.rand(1, n_kv, count, cfg.unit_size, device="cuda")
             reps = representatives(
                 keys.view(1, n_kv, count, cfg.unit_size, head_dim), mass, kind=cfg.repr,
                 r=cfg.repr_topk,
             )  # fmt: skip
             layer.units.add(keys, torch.randn_like(keys), reps)
-        local = torch.randn(1, n_kv, cfg.n_local, head_dim, device="cuda", dtype=BF16)
+        local = torch.randn(1, n_kv, cfg.n_local, head_dim, device="cuda", dtype=dtype)
         layer._append_local(local, torch.randn_like(local))
         layer.seen = cfg.n_init + n_units * cfg.unit_size + cfg.n_local
 
@@ -119,7 +152,7 @@ def decode_agentmem(model, memory, shape: str, n_tokens: int, steps: int) -> dic
     n_kv, head_dim = SHAPES[shape]["num_key_value_heads"], SHAPES[shape]["head_dim"]
     torch.cuda.reset_peak_memory_stats()
     cache = agentmem.new_cache(model, memory)
-    fill_memory(cache, n_tokens, n_kv, head_dim)
+    fill_memory(cache, n_tokens, n_kv, head_dim, dtype_of(shape))
     decoder = StaticDecoder(model, cache, unit_room=steps // memory.unit_size + 2)
     token = torch.tensor([11], device="cuda")
     for _ in range(3):
@@ -135,8 +168,8 @@ def decode_agentmem(model, memory, shape: str, n_tokens: int, steps: int) -> dic
     # One layer's attention + retrieval step, captured on its own (counts reset every replay).
     layer = cache.memory_layers[0]
     n_q = SHAPES[shape]["num_attention_heads"]
-    q = torch.randn(1, n_q, 1, head_dim, device="cuda", dtype=BF16)
-    k = torch.randn(1, n_kv, 1, head_dim, device="cuda", dtype=BF16)
+    q = torch.randn(1, n_q, 1, head_dim, device="cuda", dtype=dtype_of(shape))
+    k = torch.randn(1, n_kv, 1, head_dim, device="cuda", dtype=dtype_of(shape))
     counts = layer.counts.clone()
 
     def layer_step():
@@ -204,8 +237,8 @@ def decode_full(model, shape: str, n_tokens: int) -> dict:
             model.set_attn_implementation(original)
     n_q, n_kv, head_dim = (SHAPES[shape][key] for key in
                            ("num_attention_heads", "num_key_value_heads", "head_dim"))  # fmt: skip
-    q = torch.randn(1, n_q, 1, head_dim, device="cuda", dtype=BF16)
-    k = torch.randn(1, n_kv, n_tokens + 1, head_dim, device="cuda", dtype=BF16)
+    q = torch.randn(1, n_q, 1, head_dim, device="cuda", dtype=dtype_of(shape))
+    k = torch.randn(1, n_kv, n_tokens + 1, head_dim, device="cuda", dtype=dtype_of(shape))
     layer_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, k, enable_gqa=True), 30)
     return {"full_decode_ms": ms, "full_layer_ms": layer_ms, "full_peak_gib": peak}
 
@@ -269,7 +302,7 @@ def kernel_efficiency(shape: str, memory: agentmem.MemoryConfig, rope_table) -> 
     n_units = 1024
 
     def randn(*size):
-        return torch.randn(*size, device="cuda", dtype=BF16)
+        return torch.randn(*size, device="cuda", dtype=dtype_of(shape))
 
     pool_k = randn(1, n_kv, n_units * memory.unit_size, head_dim)
     pool_v = torch.randn_like(pool_k)
@@ -295,7 +328,7 @@ def kernel_efficiency(shape: str, memory: agentmem.MemoryConfig, rope_table) -> 
 
         sdpa = median_ms(graphed(sdpa_step), 50)
         flops = 4 * n_q * n_queries * n_keys * head_dim
-        read = 2 * n_kv * n_keys * head_dim * 2  # keys and values, bf16
+        read = 2 * n_kv * n_keys * head_dim * q.element_size()  # keys and values
         row[f"{name}_ms"], row[f"{name}_sdpa_ms"] = ours, sdpa
         row[f"{name}_tflops"], row[f"{name}_sdpa_tflops"] = flops / ours / 1e9, flops / sdpa / 1e9
         row[f"{name}_gbs"], row[f"{name}_sdpa_gbs"] = read / ours / 1e6, read / sdpa / 1e6
@@ -309,11 +342,13 @@ def retrieval(shape: str, memory: agentmem.MemoryConfig, n_tokens: int) -> dict:
     n_q, n_kv, head_dim = (SHAPES[shape][key] for key in
                            ("num_attention_heads", "num_key_value_heads", "head_dim"))  # fmt: skip
     n_units = (n_tokens - memory.n_init - memory.n_local) // memory.unit_size
-    reps = torch.randn(1, n_kv, n_units, memory.repr_topk, head_dim, device="cuda", dtype=BF16)
+    reps = torch.randn(
+        1, n_kv, n_units, memory.repr_topk, head_dim, device="cuda", dtype=dtype_of(shape)
+    )
     n_valid = torch.tensor([n_units], device="cuda", dtype=torch.int32)
     row = {}
     for name, n_queries in (("decode", 1), ("prefill", memory.exec_chunk)):
-        q = torch.randn(1, n_q, n_queries, head_dim, device="cuda", dtype=BF16)
+        q = torch.randn(1, n_q, n_queries, head_dim, device="cuda", dtype=dtype_of(shape))
         row[f"retrieve_{name}_ms"] = median_ms(graphed(lambda q=q: top_units(
             unit_mass(q, reps, kind="dot", scale=head_dim**-0.5, n_valid=n_valid), memory.topk
         )), 30)  # fmt: skip
@@ -390,11 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [int(s) for s in args.prefill.split(",") if s]
     for shape in args.shapes.split(","):
         model = agentmem.wrap(build_model(shape), memory)
-        rope_module = model._agentmem.rotary
-        # fp32 tables, as MemoryLayer passes them
-        table = rope_module(torch.empty(0, device="cuda"), torch.arange(8192, device="cuda")[None])
+        # the global layers' fp32 rope table, as MemoryLayer passes it
+        rope = agentmem.new_cache(model, memory).memory_layers[0].rotary
+        table = rope.table(8192, torch.float32, torch.device("cuda"))
         record({"kind": "kernel", "shape": shape,
-                **kernel_efficiency(shape, memory, (table[0][0], table[1][0]))})  # fmt: skip
+                **kernel_efficiency(shape, memory, table)})  # fmt: skip
         for n_tokens in sizes:
             row = {"kind": "decode", "shape": shape, "tokens": n_tokens}
             for measure, *arguments in (

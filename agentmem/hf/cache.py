@@ -59,6 +59,11 @@ class AgentMemCache(Cache):
         """The states of the global-attention layers, in layer order."""
         return [layer.state for layer in self.layers if isinstance(layer.state, MemoryLayer)]
 
+    @property
+    def sliding_layers(self) -> list[SlidingLayer]:
+        """The states of the sliding-window layers, in layer order."""
+        return [layer.state for layer in self.layers if isinstance(layer.state, SlidingLayer)]
+
     def state(self, layer_idx: int) -> MemoryLayer | SlidingLayer:
         return self.layers[layer_idx].state
 

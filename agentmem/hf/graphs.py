@@ -6,7 +6,8 @@ a small model, so decoding at 1M tokens can only be as cheap as at 4K, and a pre
 as its arithmetic, once it is gone. `StaticSteps` puts every memory layer into static mode (counts
 on the device, buffers that do not move), captures one model step and replays it. Between replays
 the host only keeps its records (and, decoding, packs a unit every `unit_size` tokens); when the
-unit pool fills, it grows and the step is captured again. Nothing in a step is read back.
+unit pool fills, it grows and the step is captured again. Sliding-window layers (Gemma 3) keep
+their window in one buffer that each step shifts in place. Nothing in a step is read back.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import torch
 from torch import nn
 
 from agentmem.hf.cache import AgentMemCache
-from agentmem.memory.layer import SlidingLayer
 from agentmem_kernels import capturable
 
 logger = logging.getLogger(__name__)
@@ -44,11 +44,10 @@ class StaticSteps:
         self, model: nn.Module, cache: AgentMemCache, *, tokens: int = 1, unit_room: int = 256,
         graph: bool | None = None,
     ) -> None:  # fmt: skip
-        if any(isinstance(layer.state, SlidingLayer) for layer in cache.layers):
-            raise ValueError("static steps do not support sliding-window layers yet")
         self.model, self.cache, self.tokens = model, cache, tokens
         self.layers = cache.memory_layers
-        for layer in self.layers:
+        self.sliding = cache.sliding_layers
+        for layer in (*self.layers, *self.sliding):
             if (problem := layer.static_problem(tokens)) is not None:
                 raise ValueError(problem)
         first = self.layers[0].local_k
@@ -66,6 +65,8 @@ class StaticSteps:
             for layer in self.layers:
                 layer.start_static(layer.units.n_units + self.unit_room, self.tokens)
                 layer.before_static_step()  # a full window is packed before the first capture
+            for layer in self.sliding:
+                layer.start_static(self.tokens)
             if self.use_graph:
                 self._capture()
         except BaseException:
@@ -96,6 +97,7 @@ class StaticSteps:
             + [layer.counts.clone()]
             for layer in self.layers
         ]
+        saved_sliding = [(layer.k.clone(), layer.v.clone()) for layer in self.sliding]
         stream = torch.cuda.Stream() if self.input_ids.is_cuda else None
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream())
@@ -109,6 +111,9 @@ class StaticSteps:
                 targets = [part.buffer for part in (*layer.local, layer.local_rotated)]
                 for target, copy in zip([*targets, layer.counts], copies, strict=True):
                     target.copy_(copy)
+            for layer, (k, v) in zip(self.sliding, saved_sliding, strict=True):
+                layer.k.copy_(k)
+                layer.v.copy_(v)
 
     @torch.inference_mode()
     def run(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -116,7 +121,10 @@ class StaticSteps:
         buffer the next step overwrites)."""
         if tuple(input_ids.shape) != tuple(self.input_ids.shape):
             raise ValueError(f"static steps take {tuple(self.input_ids.shape)} token ids")
-        if any(layer.counts is None for layer in self.layers):
+        stopped = any(layer.counts is None for layer in self.layers) or any(
+            layer.static_tokens is None for layer in self.sliding
+        )
+        if stopped:
             self._start()  # closed, or ordinary steps ran in between: start (capture) again
         elif any(self._needs_room(layer) for layer in self.layers):
             self.unit_room *= 2  # the pool must move: capture again, with more room
@@ -130,19 +138,19 @@ class StaticSteps:
         else:
             with self._armed():
                 logits = self._forward()
-        for layer in self.layers:
+        for layer in (*self.layers, *self.sliding):
             layer.after_static_step()
         return logits
 
     @contextmanager
     def _armed(self) -> Iterator[None]:
         """Model steps inside take the layers' static path."""
-        for layer in self.layers:
+        for layer in (*self.layers, *self.sliding):
             layer.static_armed = True
         try:
             yield
         finally:
-            for layer in self.layers:
+            for layer in (*self.layers, *self.sliding):
                 layer.static_armed = False
 
     def _needs_room(self, layer) -> bool:
@@ -151,7 +159,7 @@ class StaticSteps:
 
     def close(self) -> None:
         """Back to ordinary steps (the memory stays as the static steps left it)."""
-        for layer in self.layers:
+        for layer in (*self.layers, *self.sliding):
             layer.stop_static()
         self.graph = None
 
@@ -171,12 +179,10 @@ def _graphable(cache, tokens: int) -> bool:
     has failed in this process)."""
     if _capture_failures or not isinstance(cache, AgentMemCache) or not cache.memory_layers:
         return False
-    if any(isinstance(layer.state, SlidingLayer) for layer in cache.layers):
-        return False
     first = cache.memory_layers[0].local_k
     if first is None or not capturable(first.device, first.shape[-1]):
         return False
-    return all(layer.static_problem(tokens) is None for layer in cache.memory_layers)
+    return all(layer.state.static_problem(tokens) is None for layer in cache.layers)
 
 
 def static_chunks(model: nn.Module, cache, tokens: int, remaining: int) -> StaticSteps | None:

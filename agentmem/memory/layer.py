@@ -440,7 +440,12 @@ class MemoryLayer:
 
 
 class SlidingLayer:
-    """The bounded cache of a sliding-window layer: its last `window - 1` tokens, pre-RoPE."""
+    """The bounded cache of a sliding-window layer: its last `window - 1` tokens, pre-RoPE.
+
+    Static mode (`start_static`, for `agentmem.hf.graphs`): steps of a fixed number of tokens T
+    keep keys and values in one buffer of `window - 1 + T` rows that each step shifts by T in
+    place, so that every shape and address stays fixed; the window must be full to start.
+    """
 
     def __init__(self, window: int, rotary: Rope) -> None:
         self.window = window
@@ -449,20 +454,58 @@ class SlidingLayer:
         self.k: torch.Tensor | None = None  # [B, Hkv, <= window - 1 + T, D]
         self.v: torch.Tensor | None = None
         self.pending = _PendingKV()
+        self.static_tokens: int | None = None  # static mode: tokens per step
+        self.static_armed = False  # set by agentmem.hf.graphs around the static steps it runs
 
     def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.pending.put(k, v)
 
+    def static_problem(self, tokens: int = 1) -> str | None:
+        """Why steps of `tokens` tokens of this layer cannot be captured now, or None."""
+        held = 0 if self.k is None else self.k.shape[2]
+        if held < self.window - 1 + tokens:
+            return (
+                f"static steps of {tokens} tokens start once the sliding layer holds "
+                f"{self.window - 1 + tokens} tokens (its window and the last step's); "
+                f"it holds {held}"
+            )
+        return None
+
+    def start_static(self, tokens: int = 1) -> None:
+        if (problem := self.static_problem(tokens)) is not None:
+            raise ValueError(problem)
+        rows = self.window - 1 + tokens
+        self.k, self.v = self.k[:, :, -rows:].clone(), self.v[:, :, -rows:].clone()
+        self.static_tokens = tokens
+
+    def stop_static(self) -> None:
+        self.static_tokens = None
+
+    def after_static_step(self) -> None:
+        """The host's record of what a replayed step did."""
+        self.seen += self.static_tokens
+
     def attend(self, q: torch.Tensor, scale: float) -> torch.Tensor:
         """Sliding-window attention of the stored step's queries: [B, Hq, T, D] in q's dtype."""
         k_new, v_new = self.pending.take(q.shape[2])
+        keep = self.window - 1
+        if self.static_tokens is not None and self.static_armed:
+            # The oldest T rows leave, the new T arrive: same buffer, same shape.
+            for buffer, new in ((self.k, k_new), (self.v, v_new)):
+                buffer[:, :, :keep] = buffer[:, :, -keep:].clone()
+                buffer[:, :, keep:] = new
+            return self._attend(q, scale)
+        self.stop_static()  # an ordinary step: its owner starts static mode again if it resumes
         if self.k is None:
             self.k, self.v = k_new, v_new
         else:
-            keep = self.window - 1
             self.k = torch.cat((self.k[:, :, -keep:], k_new), dim=2)
             self.v = torch.cat((self.v[:, :, -keep:], v_new), dim=2)
         self.seen += q.shape[2]
+        return self._attend(q, scale)
+
+    def _attend(self, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """The queries (the last T keys' tokens) over the held keys, at most `window` back."""
         n_keys, n_queries = self.k.shape[2], q.shape[2]
         # Keys renumbered from 0: RoPE only sees distances.
         positions = torch.arange(n_keys, device=q.device)

@@ -75,11 +75,44 @@ def test_static_decoding_needs_a_steady_state():
         StaticDecoder(model, streaming)
 
 
-def test_sliding_layers_are_refused():
-    model = build("gemma3").to(DEVICE)
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_static_steps_with_sliding_layers_equal_ordinary_steps(tokens):
+    """Gemma 3's sliding layers shift their window in place in static steps: decoding and chunks
+    of 16 give the logits and memory of ordinary steps, and ordinary steps resume afterwards."""
+    model = build("gemma3", head_dim=32).to(DEVICE)
     agentmem.wrap(model, CONFIG)
-    with pytest.raises(ValueError, match="sliding-window"):
-        StaticDecoder(model, agentmem.new_cache(model))
+    torch.manual_seed(5)
+    ids = torch.randint(3, VOCAB, (2, 260), device=DEVICE)
+    ordinary, static = _twin_caches(model, ids[:, :96])  # chunks of 16: the window full
+    steps = StaticSteps(model, static, tokens=tokens, unit_room=1)
+    with torch.inference_mode():
+        for first in range(96, 256, tokens):
+            piece = ids[:, first : first + tokens]
+            want = model(piece, past_key_values=ordinary).logits[:, -1]
+            torch.testing.assert_close(steps.run(piece), want, atol=1e-4, rtol=1e-4)
+    steps.close()
+    for a, b in zip(ordinary.layers, static.layers, strict=True):
+        assert a.state.seen == b.state.seen == 256
+    for a, b in zip(ordinary.sliding_layers, static.sliding_layers, strict=True):
+        keep = a.window - 1
+        torch.testing.assert_close(b.k[:, :, -keep:], a.k[:, :, -keep:])
+    with torch.inference_mode():  # ordinary steps again, from where the static ones left off
+        torch.testing.assert_close(
+            model(ids[:, -3:], past_key_values=static).logits,
+            model(ids[:, -3:], past_key_values=ordinary).logits, atol=1e-4, rtol=1e-4,
+        )  # fmt: skip
+
+
+def test_sliding_layers_start_static_steps_once_their_window_is_full():
+    model = build("gemma3", head_dim=32).to(DEVICE)
+    agentmem.wrap(model, CONFIG)
+    cache = agentmem.new_cache(model)
+    prefill(model, cache, torch.randint(3, VOCAB, (1, 30), device=DEVICE), chunk=16)
+    sliding = cache.layers[0].state  # window 24: 23 tokens kept, and the 14 of the last step
+    assert sliding.static_problem(1) is None
+    assert "it holds 30" in sliding.static_problem(16)
+    with pytest.raises(ValueError, match="sliding layer holds"):
+        sliding.start_static(16)
 
 
 @pytest.mark.parametrize("repr", ["attention", "minmax"])
