@@ -220,6 +220,8 @@ def decode_full(model, shape: str, n_tokens: int) -> dict:
                 for layer in cache.layers:  # the same step every replay: write slot n_tokens
                     if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
                         layer.cumulative_length.fill_(n_tokens)
+                    if hasattr(layer, "cumulative_length_int"):  # sliding: full, rolling
+                        layer.cumulative_length_int = n_tokens
                 with torch.inference_mode():
                     model(input_ids=token, past_key_values=cache, cache_position=position,
                           use_cache=True, logits_to_keep=1)  # fmt: skip
