@@ -47,7 +47,7 @@ class StaticSteps:
         self.model, self.cache, self.tokens = model, cache, tokens
         self.layers = cache.memory_layers
         self.sliding = cache.sliding_layers
-        for layer in (*self.layers, *self.sliding):
+        for layer in self._all_layers:
             if (problem := layer.static_problem(tokens)) is not None:
                 raise ValueError(problem)
         first = self.layers[0].local_k
@@ -75,6 +75,11 @@ class StaticSteps:
                 layer.state.pending.clear()
             self.close()
             raise
+
+    @property
+    def _all_layers(self) -> tuple:
+        """Memory and sliding layers: every state a static step changes."""
+        return (*self.layers, *self.sliding)
 
     def _forward(self) -> torch.Tensor:
         out = self.model(
@@ -138,19 +143,19 @@ class StaticSteps:
         else:
             with self._armed():
                 logits = self._forward()
-        for layer in (*self.layers, *self.sliding):
+        for layer in self._all_layers:
             layer.after_static_step()
         return logits
 
     @contextmanager
     def _armed(self) -> Iterator[None]:
         """Model steps inside take the layers' static path."""
-        for layer in (*self.layers, *self.sliding):
+        for layer in self._all_layers:
             layer.static_armed = True
         try:
             yield
         finally:
-            for layer in (*self.layers, *self.sliding):
+            for layer in self._all_layers:
                 layer.static_armed = False
 
     def _needs_room(self, layer) -> bool:
@@ -159,7 +164,7 @@ class StaticSteps:
 
     def close(self) -> None:
         """Back to ordinary steps (the memory stays as the static steps left it)."""
-        for layer in (*self.layers, *self.sliding):
+        for layer in self._all_layers:
             layer.stop_static()
         self.graph = None
 

@@ -17,6 +17,14 @@ from agentmem.memory.store import GrowingTensor, UnitStore
 from agentmem_kernels import attention, gather_units, memory_attention, rope, score_units
 
 
+def _shift_in(rows: torch.Tensor, new: torch.Tensor) -> None:
+    """In place, in `rows` [B, H, N, ...]: the oldest T rows leave, the rest move to the front,
+    the T rows of `new` take the end (a fixed-shape window step)."""
+    tokens = new.shape[2]
+    rows[:, :, :-tokens] = rows[:, :, tokens:].clone()
+    rows[:, :, -tokens:] = new
+
+
 class _PendingKV:
     """Keys/values handed over by the cache's `update`, consumed by the next `attend`."""
 
@@ -411,9 +419,7 @@ class MemoryLayer:
         self.counts[1:2].add_(n_units)
         zeros = torch.zeros(k.shape[:3], device=k.device)
         for part, new in zip(self.local, (k, v, zeros), strict=True):
-            rest = part.buffer[:, :, tokens:window].clone()
-            part.buffer[:, :, : window - tokens] = rest
-            part.buffer[:, :, window - tokens : window] = new
+            _shift_in(part.buffer[:, :, :window], new)
         cos, sin = self._table(window, k.device)
         local_k = self.local[0].buffer[:, :, :window]
         self.local_rotated.buffer[:, :, :window] = rope(local_k.float(), cos, sin).to(k.dtype)
@@ -490,10 +496,8 @@ class SlidingLayer:
         k_new, v_new = self.pending.take(q.shape[2])
         keep = self.window - 1
         if self.static_tokens is not None and self.static_armed:
-            # The oldest T rows leave, the new T arrive: same buffer, same shape.
-            for buffer, new in ((self.k, k_new), (self.v, v_new)):
-                buffer[:, :, :keep] = buffer[:, :, -keep:].clone()
-                buffer[:, :, keep:] = new
+            _shift_in(self.k, k_new)  # same buffer, same shape
+            _shift_in(self.v, v_new)
             return self._attend(q, scale)
         self.stop_static()  # an ordinary step: its owner starts static mode again if it resumes
         if self.k is None:
