@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
 
 from agentmem.hf.graphs import static_chunks, static_decoder
+from agentmem.hf.seam import cache_kwargs
 
 # Prefills with at least this many tokens left run their steady-state chunks from a CUDA graph
 # (where the memory and the kernels allow it): capturing costs about as much as a few chunks.
@@ -51,7 +52,10 @@ def prefill(
                     logits = graphed.run(piece)
                 else:
                     out = model(
-                        input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1
+                        input_ids=piece,
+                        **cache_kwargs(model, cache),
+                        use_cache=True,
+                        logits_to_keep=1,
                     )
                     logits = out.logits[:, -1]
                 bar.update(piece.shape[1])
@@ -66,7 +70,9 @@ def prefill(
 @torch.inference_mode()
 def decode_one_token(model: torch.nn.Module, cache: Cache, token: torch.Tensor) -> torch.Tensor:
     """Feed one token per sequence, `token` [B]; returns the next logits [B, V]."""
-    out = model(input_ids=token[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=token[:, None], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1
+    )
     return out.logits[:, -1]
 
 

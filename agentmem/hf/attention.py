@@ -31,7 +31,7 @@ def agentmem_attention(
     if not isinstance(cache, AgentMemCache):
         raise RuntimeError(
             "agentmem attention ran without an AgentMemCache; call the model through "
-            "agentmem.wrap(model) and pass past_key_values=agentmem.new_cache(model)"
+            "agentmem.wrap(model) and pass it the cache of agentmem.new_cache(model)"
         )
     state = cache.state(module.layer_idx)
     expected_window = getattr(state, "window", None)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from agentmem.hf.cache import AgentMemCache
+from agentmem.hf.seam import cache_kwargs
 from agentmem_kernels import capturable
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,10 @@ class StaticSteps:
 
     def _forward(self) -> torch.Tensor:
         out = self.model(
-            input_ids=self.input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1
+            input_ids=self.input_ids,
+            **cache_kwargs(self.model, self.cache),
+            use_cache=True,
+            logits_to_keep=1,
         )
         return out.logits[:, -1]
 

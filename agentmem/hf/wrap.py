@@ -20,6 +20,7 @@ from agentmem.config import MemoryConfig
 from agentmem.hf.attention import CACHE_KWARG, NAME, agentmem_attention, agentmem_mask
 from agentmem.hf.cache import AgentMemCache
 from agentmem.hf.rope import IdentityRotary, ModelRope
+from agentmem.hf.seam import CACHE_NAMES, cache_argument
 from agentmem.memory.layer import MemoryLayer, SlidingLayer
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
@@ -88,7 +89,9 @@ def wrap(model: nn.Module, config: MemoryConfig | None = None) -> nn.Module:
     attn_implementation = model_config._attn_implementation
     decoder.rotary_emb = IdentityRotary(rotary)
     model.set_attn_implementation(NAME)
-    hook = decoder.register_forward_pre_hook(_route_cache(model), with_kwargs=True)
+    hook = decoder.register_forward_pre_hook(
+        _route_cache(model, cache_argument(decoder)), with_kwargs=True
+    )
     types = list(getattr(model_config, "layer_types", None) or [None] * len(windows))
     ropes = {kind: ModelRope(rotary, kind, max_positions) for kind in set(types)}
     model._agentmem = _Wrapped(
@@ -141,19 +144,27 @@ def _wrapped(model: nn.Module) -> _Wrapped:
     return wrapped
 
 
-def _route_cache(model: nn.Module):
-    """Forward pre-hook: make sure the decoder runs on an AgentMemCache and pass it to attention."""
+def _route_cache(model: nn.Module, argument: str):
+    """Forward pre-hook: make sure the decoder runs on an AgentMemCache and pass it to attention.
+
+    The cache may arrive under any of transformers' names for it (the model's own, or a deprecated
+    alias); it leaves under the decoder's own name, `argument`, so no other copy shadows it.
+    """
 
     def hook(module: nn.Module, args: tuple, kwargs: dict):
-        cache = kwargs.get("past_key_values")
-        if cache is None:
-            cache = new_cache(model)  # a one-off forward gets a fresh memory
-            kwargs["past_key_values"] = cache
-        elif not isinstance(cache, AgentMemCache):
+        given = [kwargs.pop(name) for name in CACHE_NAMES if name in kwargs]
+        caches = [cache for cache in given if cache is not None]
+        if len(caches) > 1 and any(cache is not caches[0] for cache in caches):
+            raise ValueError(
+                f"two different caches were passed ({' and '.join(CACHE_NAMES)}); pass one"
+            )
+        cache = caches[0] if caches else new_cache(model)  # a one-off forward: a fresh memory
+        if not isinstance(cache, AgentMemCache):
             raise TypeError(
                 f"a wrapped model needs an AgentMemCache, got {type(cache).__name__}; "
-                "pass past_key_values=agentmem.new_cache(model)"
+                f"pass {argument}=agentmem.new_cache(model)"
             )
+        kwargs[argument] = cache
         kwargs[CACHE_KWARG] = cache
         return args, kwargs
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import agentmem
+from agentmem.hf.seam import cache_kwargs
 from tests.helpers import VOCAB, build
 
 pytestmark = [
@@ -28,7 +29,10 @@ def _logits(model, ids, config=None):
             return model(ids).logits
         agentmem.wrap(model, config)
         cache = agentmem.new_cache(model)
-        steps = [model(ids[:, i : i + 64], past_key_values=cache).logits for i in range(0, 600, 64)]
+        steps = [
+            model(ids[:, i : i + 64], **cache_kwargs(model, cache)).logits
+            for i in range(0, 600, 64)
+        ]
         agentmem.unwrap(model)
         return torch.cat(steps, dim=1)
 

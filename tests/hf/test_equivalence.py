@@ -10,6 +10,7 @@ import torch
 
 import agentmem
 from agentmem.generate import decode_one_token, prefill
+from agentmem.hf.seam import cache_kwargs
 from tests.helpers import VOCAB, build
 
 N_TOKENS = 150
@@ -29,7 +30,7 @@ def _reference(model, ids):
 def _chunked(model, cache, ids, chunk):
     with torch.no_grad():
         outs = [
-            model(ids[:, i : i + chunk], past_key_values=cache).logits
+            model(ids[:, i : i + chunk], **cache_kwargs(model, cache)).logits
             for i in range(0, ids.shape[1], chunk)
         ]
     return torch.cat(outs, dim=1)
@@ -93,7 +94,10 @@ def test_transformers_generate_runs_on_the_memory(family):
         want = model.generate(prompt, max_new_tokens=12, do_sample=False)
         agentmem.wrap(model, COVERING)
         got = model.generate(
-            prompt, max_new_tokens=12, do_sample=False, past_key_values=agentmem.new_cache(model)
+            prompt,
+            max_new_tokens=12,
+            do_sample=False,
+            **cache_kwargs(model, agentmem.new_cache(model)),
         )
     assert torch.equal(got, want)
 

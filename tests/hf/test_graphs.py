@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import agentmem
 from agentmem.generate import decode_one_token, prefill
 from agentmem.hf.graphs import StaticDecoder, StaticSteps
+from agentmem.hf.seam import cache_kwargs
 from tests.helpers import COMMON, VOCAB, build
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -88,7 +89,7 @@ def test_static_steps_with_sliding_layers_equal_ordinary_steps(tokens):
     with torch.inference_mode():
         for first in range(96, 256, tokens):
             piece = ids[:, first : first + tokens]
-            want = model(piece, past_key_values=ordinary).logits[:, -1]
+            want = model(piece, **cache_kwargs(model, ordinary)).logits[:, -1]
             torch.testing.assert_close(steps.run(piece), want, atol=1e-4, rtol=1e-4)
     steps.close()
     for a, b in zip(ordinary.layers, static.layers, strict=True):
@@ -98,8 +99,8 @@ def test_static_steps_with_sliding_layers_equal_ordinary_steps(tokens):
         torch.testing.assert_close(b.k[:, :, -keep:], a.k[:, :, -keep:])
     with torch.inference_mode():  # ordinary steps again, from where the static ones left off
         torch.testing.assert_close(
-            model(ids[:, -3:], past_key_values=static).logits,
-            model(ids[:, -3:], past_key_values=ordinary).logits, atol=1e-4, rtol=1e-4,
+            model(ids[:, -3:], **cache_kwargs(model, static)).logits,
+            model(ids[:, -3:], **cache_kwargs(model, ordinary)).logits, atol=1e-4, rtol=1e-4,
         )  # fmt: skip
 
 
@@ -126,7 +127,7 @@ def test_static_prefill_chunks_equal_ordinary_chunks(repr):
             piece = tokens[:, first : first + 16]
             if piece.shape[1] < 16:
                 break
-            want = model(piece, past_key_values=ordinary).logits[:, -1]
+            want = model(piece, **cache_kwargs(model, ordinary)).logits[:, -1]
             torch.testing.assert_close(steps.run(piece), want, atol=1e-4, rtol=1e-4)
     steps.close()
     for a, b in zip(ordinary.memory_layers, static.memory_layers, strict=True):

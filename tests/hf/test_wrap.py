@@ -14,6 +14,7 @@ from transformers import (
 
 import agentmem
 from agentmem.hf.rope import IdentityRotary
+from agentmem.hf.seam import cache_kwargs, output_cache
 from tests.helpers import COMMON, VOCAB, build
 
 
@@ -49,8 +50,8 @@ def test_a_plain_forward_gets_a_fresh_memory():
     agentmem.wrap(model)
     with torch.no_grad():
         out = model(torch.randint(3, VOCAB, (1, 20)))
-    assert isinstance(out.past_key_values, agentmem.AgentMemCache)
-    assert out.past_key_values.get_seq_length() == 20
+    assert isinstance(output_cache(out), agentmem.AgentMemCache)
+    assert output_cache(out).get_seq_length() == 20
 
 
 def test_unsupported_architecture_lists_the_supported_ones():
@@ -78,7 +79,10 @@ def test_another_cache_type_is_refused():
     model = build("mistral")
     agentmem.wrap(model)
     with pytest.raises(TypeError, match="AgentMemCache"):
-        model(torch.randint(3, VOCAB, (1, 5)), past_key_values=DynamicCache(config=model.config))
+        model(
+            torch.randint(3, VOCAB, (1, 5)),
+            **cache_kwargs(model, DynamicCache(config=model.config)),
+        )
 
 
 def test_padded_batches_are_refused():

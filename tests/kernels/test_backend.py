@@ -8,6 +8,7 @@ import torch
 
 import agentmem
 import agentmem_kernels
+from agentmem.hf.seam import cache_kwargs
 from tests.helpers import VOCAB, build
 
 pytest.importorskip("triton")
@@ -66,7 +67,10 @@ def test_triton_backend_matches_the_reference_in_a_model(restore_backends, posit
         cache = agentmem.new_cache(model)
         with torch.no_grad():
             logits[name] = torch.cat(
-                [model(ids[:, i : i + 16], past_key_values=cache).logits for i in range(0, 96, 16)],
+                [
+                    model(ids[:, i : i + 16], **cache_kwargs(model, cache)).logits
+                    for i in range(0, 96, 16)
+                ],
                 dim=1,
             )
     # one global layer, six steps, each retrieving once there are more than topk units
