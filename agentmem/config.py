@@ -6,13 +6,14 @@ that names the field to change. `PRESETS` holds named configurations (`MemoryCon
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Position = Literal["infllm", "stacked", "contiguous", "selfextend", "streaming", "full"]
 Representative = Literal["attention", "mean", "minmax"]
 
+POSITIONS: tuple[str, ...] = get_args(Position)
 RETRIEVING_POSITIONS = ("infllm", "stacked", "contiguous", "selfextend")
 
 

@@ -34,7 +34,7 @@ COMMON = dict(
 )
 
 
-def tiny_llama() -> LlamaForCausalLM:
+def tiny_llama(head_dim: int = 16) -> LlamaForCausalLM:
     """Llama with Llama-3.1 rope scaling, so the model's own rotary module is exercised."""
     rope = {
         "rope_type": "llama3",
@@ -44,19 +44,19 @@ def tiny_llama() -> LlamaForCausalLM:
         "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64,
     }
-    return LlamaForCausalLM(LlamaConfig(**COMMON, rope_parameters=rope))
+    return LlamaForCausalLM(LlamaConfig(**COMMON, head_dim=head_dim, rope_parameters=rope))
 
 
-def tiny_mistral() -> MistralForCausalLM:
-    return MistralForCausalLM(MistralConfig(**COMMON, sliding_window=None))
+def tiny_mistral(head_dim: int = 16) -> MistralForCausalLM:
+    return MistralForCausalLM(MistralConfig(**COMMON, head_dim=head_dim, sliding_window=None))
 
 
-def tiny_qwen2() -> Qwen2ForCausalLM:
-    return Qwen2ForCausalLM(Qwen2Config(**COMMON))
+def tiny_qwen2(head_dim: int = 16) -> Qwen2ForCausalLM:
+    return Qwen2ForCausalLM(Qwen2Config(**COMMON, head_dim=head_dim))
 
 
-def tiny_qwen3() -> Qwen3ForCausalLM:
-    return Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=16))
+def tiny_qwen3(head_dim: int = 16) -> Qwen3ForCausalLM:
+    return Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=head_dim))
 
 
 def tiny_gemma3(head_dim: int = 16) -> Gemma3ForCausalLM:
@@ -84,9 +84,11 @@ FAMILIES = {
 }
 
 
-def build(family: str, **sizes: int) -> torch.nn.Module:
+def build(family: str, head_dim: int = 16) -> torch.nn.Module:
+    """A tiny random model of `family` (head size 16: fast on the CPU; the Triton kernels take
+    powers of two from 32)."""
     torch.manual_seed(0)
-    model = FAMILIES[family](**sizes).eval()
+    model = FAMILIES[family](head_dim=head_dim).eval()
     # Random init is tiny; larger weights make attention sharp enough that errors would show.
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from agentmem_kernels.fit import launch_fitted
 from agentmem_kernels.reference import key_mass
 
 NO_LIMIT = 2**30  # "no max_dist"
@@ -145,6 +146,43 @@ def supports(q: torch.Tensor) -> str | None:
     return None
 
 
+def _launch_config(rows: int, head_dim: int, element_size: int) -> dict:
+    """Blocks by rows (decode: few) and head size; fp32 tiles weigh as a head twice as wide."""
+    width = head_dim * element_size // 2
+    block_m = 16 if rows <= 16 else 64 if width <= 256 else 32
+    return dict(BM=block_m, BN=64 if width <= 128 else 32, num_warps=4, num_stages=3)
+
+
+def _launch(
+    q, k, v, q_pos, k_pos, q_abs, k_abs, cos, sin, parts, *,
+    config: dict, scale: float, group: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One launch over every (batch, key head), row tile and split: the splits' partials
+    acc [S, B * Hkv, rows, D], m and l [S, B * Hkv, rows]."""
+    batch, n_queries, head_dim = q.shape[0], q.shape[2], q.shape[-1]
+    n_kv_heads, n_keys = k.shape[1], k.shape[2]
+    rows = group * n_queries
+    row_tiles = triton.cdiv(rows, config["BM"])
+    # Decode has few rows: split the window so that every multiprocessor gets work.
+    splits = 1 if row_tiles > 1 else max(1, min(32, n_keys // (4 * config["BN"])))
+    shape = (splits, batch * n_kv_heads, rows)
+    acc = _alloc((*shape, head_dim), q.device)
+    m, l = _alloc(shape, q.device), _alloc(shape, q.device)  # noqa: E741
+    placed_attention_fwd_kernel[(batch * n_kv_heads, row_tiles, splits)](
+        q, k, v, q_pos, k_pos, q_abs, k_abs, cos, sin, parts, acc, m, l,
+        scale,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        k_pos.stride(0), k_pos.stride(1),
+        cos.stride(0),
+        n_queries, n_kv_heads, rows,
+        G=group, D=head_dim, HALF=head_dim // 2, NUM_PARTS=parts.shape[0], NSPLIT=splits,
+        EXACT=q.dtype == torch.float32,
+        **config,
+    )  # fmt: skip
+    return acc, m, l
+
+
 def placed_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -179,30 +217,16 @@ def placed_attention(
     table = [(a, b, lo, NO_LIMIT if hi is None else hi) for a, b, lo, hi in parts]
     parts_t = torch.tensor(table, dtype=torch.int32, device=q.device)
 
-    rows = group * n_queries
-    block_m = 16 if rows <= 16 else 64
-    block_n = 64 if head_dim <= 128 else 32
-    row_tiles = triton.cdiv(rows, block_m)
-    # Decode has few rows: split the window so that every multiprocessor gets work.
-    splits = 1 if row_tiles > 1 else max(1, min(32, n_keys // (4 * block_n)))
-    shape = (splits, batch * n_kv_heads, rows)
-    acc = _alloc((*shape, head_dim), q.device)
-    m, l = _alloc(shape, q.device), _alloc(shape, q.device)  # noqa: E741
-    grid = (batch * n_kv_heads, row_tiles, splits)
-    placed_attention_fwd_kernel[grid](
+    inputs = (
         q, k, v, q_pos.to(torch.int32).contiguous(), k_pos, q_abs.to(torch.int32).contiguous(),
-        k_abs, cos, sin, parts_t, acc, m, l,
-        scale,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        k_pos.stride(0), k_pos.stride(1),
-        cos.stride(0),
-        n_queries, n_kv_heads, rows,
-        G=group, D=head_dim, HALF=head_dim // 2,
-        BM=block_m, BN=block_n, NUM_PARTS=len(parts), NSPLIT=splits,
-        EXACT=q.dtype == torch.float32,
-        num_warps=4,
+        k_abs, cos, sin, parts_t,
     )  # fmt: skip
+    acc, m, l = launch_fitted(  # noqa: E741
+        "placed_attention",
+        lambda config: _launch(*inputs, config=config, scale=scale, group=group),
+        _launch_config(group * n_queries, head_dim, q.element_size()),
+        key=(q.device, q.dtype, head_dim),
+    )
     out, lse = merge_splits(acc, m, l)
     # rows are (g, t) per key head: back to [B, Hq, T, D]
     out = out.view(batch, n_kv_heads, group, n_queries, head_dim).reshape(q.shape)

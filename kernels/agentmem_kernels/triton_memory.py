@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from agentmem_kernels import reference, triton_attention
+from agentmem_kernels.fit import launch_fitted
 from agentmem_kernels.triton_attention import FP32_DOT, supports
 
 LOG2E = 1.4426950408889634
@@ -292,40 +293,50 @@ def memory_attention(
     ids = ids if ids.stride(-1) == 1 else ids.contiguous()
 
     rows = group * n_queries
-    launch = _launch_config(
-        rows, head_dim, rotates=stacked or not local_rotated, element_size=q.element_size()
-    )
-    row_tiles = triton.cdiv(rows, launch["BM"])
     n_keys = n_sinks + n_unit_keys + capacity
-    # Decode has few rows: split the window so that every multiprocessor gets work.
-    splits = 1 if row_tiles > 1 else max(1, min(32, n_keys // (4 * launch["BN"])))
     n_rows = batch * n_kv_heads * rows
-    out = triton_attention._alloc((n_rows, head_dim), q.device)
-    lse = triton_attention._alloc((n_rows,), q.device)
-    if splits == 1:  # the kernel writes the result itself
-        acc, m, l = out, lse, lse  # noqa: E741
-    else:
-        acc = triton_attention._alloc((splits, n_rows, head_dim), q.device)
-        m, l = (triton_attention._alloc((splits, n_rows), q.device) for _ in range(2))  # noqa: E741
-    memory_attention_fwd_kernel[(batch * n_kv_heads, row_tiles, splits)](
-        q, sink_k, sink_v, pool_k, pool_v, ids, local_k, local_v, n_local, cos, sin, acc, m, l,
-        scale * LOG2E,
-        q.stride(0), q.stride(1), q.stride(2),
-        sink_k.stride(0), sink_k.stride(1), sink_k.stride(2),
-        pool_k.stride(0), pool_k.stride(1), pool_k.stride(2),
-        ids.stride(0), ids.stride(1),  # ids rows are read densely (made so above)
-        local_k.stride(0), local_k.stride(1), local_k.stride(2),
-        cos.stride(0),
-        n_queries, n_kv_heads, rows, n_sinks, n_unit_keys, memory_q_pos,
-        G=group, D=head_dim, U=unit_size, NSPLIT=splits, STACKED=stacked,
-        ROTATE_LOCAL=not local_rotated, EXACT=q.dtype == torch.float32, N_ON_DEVICE=on_device,
-        EVEN_MEMORY=n_sinks % launch["BN"] == 0 and n_unit_keys % launch["BN"] == 0,
-        **launch,
-    )  # fmt: skip
-    if splits > 1:
-        merge_splits_kernel[(triton.cdiv(n_rows, 16),)](
-            acc, m, l, out, lse, n_rows, D=head_dim, NSPLIT=splits, BR=16, num_warps=4
-        )
+
+    def launch(config: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        row_tiles = triton.cdiv(rows, config["BM"])
+        # Decode has few rows: split the window so that every multiprocessor gets work.
+        splits = 1 if row_tiles > 1 else max(1, min(32, n_keys // (4 * config["BN"])))
+        out = triton_attention._alloc((n_rows, head_dim), q.device)
+        lse = triton_attention._alloc((n_rows,), q.device)
+        if splits == 1:  # the kernel writes the result itself
+            acc, m, l = out, lse, lse  # noqa: E741
+        else:
+            acc = triton_attention._alloc((splits, n_rows, head_dim), q.device)
+            m, l = (triton_attention._alloc((splits, n_rows), q.device) for _ in range(2))  # noqa: E741
+        memory_attention_fwd_kernel[(batch * n_kv_heads, row_tiles, splits)](
+            q, sink_k, sink_v, pool_k, pool_v, ids, local_k, local_v, n_local, cos, sin,
+            acc, m, l,
+            scale * LOG2E,
+            q.stride(0), q.stride(1), q.stride(2),
+            sink_k.stride(0), sink_k.stride(1), sink_k.stride(2),
+            pool_k.stride(0), pool_k.stride(1), pool_k.stride(2),
+            ids.stride(0), ids.stride(1),  # ids rows are read densely (made so above)
+            local_k.stride(0), local_k.stride(1), local_k.stride(2),
+            cos.stride(0),
+            n_queries, n_kv_heads, rows, n_sinks, n_unit_keys, memory_q_pos,
+            G=group, D=head_dim, U=unit_size, NSPLIT=splits, STACKED=stacked,
+            ROTATE_LOCAL=not local_rotated, EXACT=q.dtype == torch.float32,
+            N_ON_DEVICE=on_device,
+            EVEN_MEMORY=n_sinks % config["BN"] == 0 and n_unit_keys % config["BN"] == 0,
+            **config,
+        )  # fmt: skip
+        if splits > 1:
+            merge_splits_kernel[(triton.cdiv(n_rows, 16),)](
+                acc, m, l, out, lse, n_rows, D=head_dim, NSPLIT=splits, BR=16, num_warps=4
+            )
+        return out, lse
+
+    rotates = stacked or not local_rotated
+    out, lse = launch_fitted(
+        "memory_attention",
+        launch,
+        _launch_config(rows, head_dim, rotates=rotates, element_size=q.element_size()),
+        key=(q.device, q.dtype, head_dim, rotates),
+    )
     # rows are (g, t) per key head: [B, Hq, T, D] without a copy
     out = out.view(batch, n_kv_heads, group, n_queries, head_dim).view(q.shape)
     lse = lse.view(batch, n_q_heads, n_queries)
