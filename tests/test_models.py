@@ -29,3 +29,39 @@ def test_a_local_directory_loads_wrapped(tmp_path, tokenizer):
 def test_home_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("AGENTMEM_HOME", str(tmp_path))
     assert models.home() == tmp_path
+
+
+def test_a_built_in_model_without_its_extra_names_the_extra(monkeypatch, tmp_path):
+    from importlib.metadata import PackageNotFoundError
+
+    from agentmem import builtin
+
+    def missing(name):
+        raise PackageNotFoundError(name)
+
+    monkeypatch.setenv("AGENTMEM_HOME", str(tmp_path))
+    monkeypatch.setattr(builtin, "distribution", missing)
+    with pytest.raises(RuntimeError, match=r"pip install 'agentmem-kv\[qwen-1\.5b\]'"):
+        agentmem.load("qwen2.5-coder-1.5b-instruct", device="cpu")
+    assert not any((tmp_path / "models").glob("qwen*"))  # nothing half-made left behind
+
+
+def test_chunks_join_into_the_checked_gguf(tmp_path):
+    """Gemma's chunks (installed with agentmem) join into its 253 MB GGUF, hash checked."""
+    from agentmem.builtin import BUILTIN, assemble
+
+    gemma = BUILTIN["gemma-3-270m"]
+    target = assemble(gemma, tmp_path / "gemma.gguf")
+    assert target.stat().st_size == gemma.size
+    assert target.read_bytes()[:4] == b"GGUF"
+
+
+def test_damaged_chunks_are_refused_and_leave_no_file(tmp_path):
+    from dataclasses import replace
+
+    from agentmem.builtin import BUILTIN, assemble
+
+    damaged = replace(BUILTIN["gemma-3-270m"], sha256="0" * 64)
+    with pytest.raises(RuntimeError, match="damaged"):
+        assemble(damaged, tmp_path / "gemma.gguf")
+    assert list(tmp_path.iterdir()) == []

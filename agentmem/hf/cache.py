@@ -46,6 +46,35 @@ class AgentMemCacheLayer(CacheLayerMixin):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("agentmem memory does not support beam search")
 
+    def reset(self) -> None:
+        """Forget everything: the layer is an empty memory of the same layout again."""
+        if self.state.static_armed:
+            raise RuntimeError("a memory in the middle of a captured step cannot be reset")
+        self.state = self.state.empty()
+        self.is_initialized = False
+
+    # transformers' other per-layer operations assume a plain growing K/V tensor; agentmem's
+    # memory is append-only and keeps its own tiers, so each is refused, saying what to do.
+    def offload(self) -> None:
+        raise NotImplementedError(
+            "agentmem keeps its memory's tiers itself; build the cache without offloading"
+        )
+
+    def prefetch(self) -> None:
+        self.offload()
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError(
+            "agentmem memory is append-only and cannot be cropped (assisted and speculative "
+            "decoding need that); start a new cache, or a new session, for another continuation"
+        )
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("agentmem memory holds one stream; it cannot be repeated")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("agentmem memory holds one stream; it cannot be re-batched")
+
 
 class AgentMemCache(Cache):
     """The KV memory of one stream (a session): per-layer states plus the config they follow."""

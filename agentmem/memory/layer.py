@@ -86,6 +86,10 @@ class MemoryLayer:
         self.static_tokens = 1  # tokens per static step
         self.static_armed = False  # set by agentmem.hf.graphs around the static steps it runs
 
+    def empty(self) -> MemoryLayer:
+        """A new, empty memory of this layer's layout."""
+        return MemoryLayer(self.config, self.rotary)
+
     @property
     def local_k(self) -> torch.Tensor | None:
         """The local window's keys [B, Hkv, L, D], oldest first."""
@@ -462,6 +466,10 @@ class SlidingLayer:
         self.pending = _PendingKV()
         self.static_tokens: int | None = None  # static mode: tokens per step
         self.static_armed = False  # set by agentmem.hf.graphs around the static steps it runs
+
+    def empty(self) -> SlidingLayer:
+        """A new, empty window of this layer's size."""
+        return SlidingLayer(self.window, self.rotary)
 
     def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.pending.put(k, v)

@@ -97,3 +97,32 @@ def test_padded_batches_are_refused():
 def test_unwrap_of_a_plain_model_says_what_to_do():
     with pytest.raises(ValueError, match="agentmem.wrap"):
         agentmem.unwrap(build("llama"))
+
+
+def test_a_reset_cache_is_an_empty_memory_again():
+    model = agentmem.wrap(build("gemma3"))  # memory and sliding layers
+    ids = torch.randint(3, VOCAB, (1, 40))
+    cache = agentmem.new_cache(model)
+    with torch.no_grad():
+        model(torch.randint(3, VOCAB, (1, 30)), **cache_kwargs(model, cache))
+        cache.reset()
+        assert cache.get_seq_length() == 0
+        got = model(ids, **cache_kwargs(model, cache)).logits
+        want = model(ids, **cache_kwargs(model, agentmem.new_cache(model))).logits
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("operation", "match"),
+    [
+        (lambda cache: cache.layers[0].offload(), "tiers"),
+        (lambda cache: cache.layers[0].prefetch(), "tiers"),
+        (lambda cache: cache.crop(3), "append-only"),
+        (lambda cache: cache.batch_repeat_interleave(2), "one stream"),
+        (lambda cache: cache.batch_select_indices(torch.tensor([0])), "one stream"),
+    ],
+)
+def test_operations_the_memory_cannot_do_say_so(operation, match):
+    cache = agentmem.new_cache(agentmem.wrap(build("llama")))
+    with pytest.raises(NotImplementedError, match=match):
+        operation(cache)

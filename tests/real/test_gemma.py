@@ -21,7 +21,7 @@ def lm():
 
 
 def test_second_load_reads_the_converted_copy(lm, monkeypatch):
-    assert (models.converted_gemma() / "model.safetensors").is_file()
+    assert (models.model_dir("gemma-3-270m") / "model.safetensors").is_file()
 
     def fail(*args):
         raise AssertionError("converted again")
