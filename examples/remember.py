@@ -4,13 +4,12 @@ Run: .venv/bin/python examples/remember.py   (CPU, about half a minute after the
 """
 
 import agentmem
-from agentmem.models import load
 from agentmem.passkey import FILLER, HEADER, NEEDLE, QUESTION
 
 # Units are represented by the means of their keys here: with the default (the keys that got most
 # attention, as InfLLM) one of the three global layers misses this prompt's needle unit and the
 # model answers wrongly; "mean" also scored 10/10 at 8K, 16K and 32K in our CPU passkey runs.
-lm = load("gemma-3-270m", memory=agentmem.MemoryConfig(n_local=960, topk=8, repr="mean"))
+lm = agentmem.load("gemma-3-270m", memory=agentmem.MemoryConfig(n_local=960, topk=8, repr="mean"))
 session = lm.session()
 session.append(HEADER)
 for step in range(40):  # about 5,000 tokens of filler, appended piece by piece
