@@ -1,10 +1,11 @@
 """Test helpers: tiny random-weight models of every supported family, built from config, a
-character-level tokenizer, and a plain RoPE. Nothing here touches the network."""
+character-level tokenizer, a small BPE tokenizer trained here, and a plain RoPE. Nothing here
+touches the network."""
 
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     Gemma3ForCausalLM,
     Gemma3TextConfig,
@@ -109,6 +110,38 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+
+
+# A few hundred words of lower-case text; "hello" is frequent enough to become one token.
+BPE_TEXT = (
+    "hello world. the quick brown fox jumps over the lazy dog, and the dog says hello back. "
+    "a fox and a dog walk to the river; the river is cold, the sun is warm, the grass is green. "
+    "hello again, says the fox. the dog jumps, the fox runs, and both of them rest by the water. "
+) * 10
+
+
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A BPE tokenizer of VOCAB tokens trained on BPE_TEXT (deterministic); ids 0-3 are pad,
+    bos, eos, unk. Spaces become "▁" at the start of the next word, as in SentencePiece."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    tok.decoder = decoders.Metaspace(prepend_scheme="never")
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"],
+        show_progress=False,
+    )
+    tok.train_from_iterator([BPE_TEXT], trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
     )
 
 

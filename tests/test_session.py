@@ -8,7 +8,7 @@ import torch
 import agentmem
 import agentmem.memory.layer as memory_layer
 from agentmem.session import LanguageModel
-from tests.helpers import build
+from tests.helpers import bpe_tokenizer, build
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 6
 COVERING = agentmem.MemoryConfig(n_init=4, unit_size=16, topk=2, n_local=512, exec_chunk=64)
@@ -33,14 +33,21 @@ def test_append_returns_the_tokens_added(lm):
 
 
 def test_generate_matches_transformers_greedy_when_the_window_covers_everything(lm, tokenizer):
+    # A prompt after which the random Gemma emits printable tokens (after TEXT alone, only <bos>).
+    prompt = TEXT + "A dog"
     session = lm.session()
-    session.append(TEXT)
+    session.append(prompt)
     text = session.generate(max_new_tokens=10)
-    ids = torch.tensor([tokenizer(TEXT).input_ids])
+    again = lm.session()
+    again.append(prompt)
+    got = list(again.generate_tokens(max_new_tokens=10))
+    ids = torch.tensor([tokenizer(prompt).input_ids])
     with agentmem.hf.wrap.unwrapped(lm.model), torch.no_grad():
         want = lm.model.generate(ids, max_new_tokens=10, do_sample=False)
+    assert got == want[0, ids.shape[1] :].tolist()
     want_text = tokenizer.decode(want[0, ids.shape[1] :], skip_special_tokens=True)
     assert text == want_text.split("<eos>")[0]
+    assert text  # some text came out, not only special tokens
 
 
 def test_stream_yields_the_same_text_in_pieces(tokenizer):
@@ -65,6 +72,24 @@ def test_appending_in_pieces_equals_appending_at_once(tokenizer):
     layer_whole, layer_pieces = whole.cache.memory_layers[0], pieces.cache.memory_layers[0]
     assert layer_whole.seen == layer_pieces.seen == len(whole.tokens)
     torch.testing.assert_close(layer_whole.units.keys.data, layer_pieces.units.keys.data)
+
+
+def test_each_append_is_tokenized_on_its_own():
+    """With BPE, text appended in pieces is not re-tokenized across the pieces' boundary: the
+    stream holds each piece's own tokens, which can differ from the whole text's."""
+    bpe = bpe_tokenizer()
+    assert bpe.tokenize("hello") == ["hello"]  # one merge spans "hel" | "lo"
+    lm = LanguageModel(build("llama"), bpe, SMALL)
+    whole, pieces = lm.session(), lm.session()
+    whole.append("hello world")
+    assert pieces.append("hel") + pieces.append("lo world") == len(pieces)
+    own = bpe("hel").input_ids + bpe("lo world", add_special_tokens=False).input_ids
+    assert pieces.tokens == own
+    assert whole.tokens == bpe("hello world").input_ids
+    assert pieces.tokens != whole.tokens
+    assert len(pieces.tokens) > len(whole.tokens)
+    assert bpe.decode(pieces.tokens, skip_special_tokens=True) == "hello world"
+    assert pieces.cache.memory_layers[0].seen == len(own)
 
 
 def test_generated_tokens_enter_memory(lm):

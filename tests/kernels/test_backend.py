@@ -37,19 +37,21 @@ def test_backend_is_chosen_once_and_can_be_forced(restore_backends, monkeypatch)
 
 @pytest.mark.parametrize("position", ["infllm", "stacked", "contiguous", "selfextend"])
 def test_triton_backend_matches_the_reference_in_a_model(restore_backends, position, monkeypatch):
-    from agentmem_kernels import triton_attention, triton_memory
+    from agentmem_kernels import reference, triton_attention, triton_memory
 
     launches = []
     entries = [
         (triton_attention, "placed_attention"),
         (triton_memory, "memory_attention"),
         (triton_memory, "unit_mass"),
+        (reference, "unit_mass"),
     ]
     for module, name in entries:
         real = getattr(module, name)
+        label = f"{module.__name__.rsplit('.', 1)[-1]}.{name}"
 
-        def counted(*args, _real=real, _name=name, **kwargs):
-            launches.append(_name)
+        def counted(*args, _real=real, _label=label, **kwargs):
+            launches.append(_label)
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(module, name, counted)
@@ -61,10 +63,11 @@ def test_triton_backend_matches_the_reference_in_a_model(restore_backends, posit
         selfextend_window=8, selfextend_group=2,
     )  # fmt: skip
     agentmem.wrap(model, config)
-    logits = {}
+    logits, calls = {}, {}
     for name in ("reference", "triton"):
         agentmem_kernels.use_backend(name, DEVICE)
         cache = agentmem.new_cache(model)
+        launches.clear()
         with torch.no_grad():
             logits[name] = torch.cat(
                 [
@@ -73,11 +76,19 @@ def test_triton_backend_matches_the_reference_in_a_model(restore_backends, posit
                 ],
                 dim=1,
             )
-    # one global layer, six steps, each retrieving once there are more than topk units
-    window = "memory_attention" if position in ("infllm", "stacked") else "placed_attention"
-    assert launches.count(window) == 6
+        calls[name] = list(launches)
+    # One global layer, six steps; it scores units in the last three (once it holds more than
+    # topk=2 units: 4 sinks, then 2 units packed in step 3 and 2 more in each later step).
+    assert not any(call.startswith("triton") for call in calls["reference"])
+    assert calls["reference"].count("reference.unit_mass") == 3
+    triton = calls["triton"]
+    in_place = position in ("infllm", "stacked")
+    window = "triton_memory.memory_attention" if in_place else "triton_attention.placed_attention"
+    assert triton.count(window) == 6
     # fp32 scoring on a GPU goes to the reference (cuBLAS); the interpreter runs the kernel
-    assert launches.count("unit_mass") >= (0 if DEVICE == "cuda" else 3)
+    on_kernel = 0 if DEVICE == "cuda" else 3
+    assert triton.count("triton_memory.unit_mass") == on_kernel
+    assert triton.count("reference.unit_mass") == 3 - on_kernel
     torch.testing.assert_close(logits["triton"], logits["reference"], atol=1e-4, rtol=1e-4)
 
 

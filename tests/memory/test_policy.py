@@ -116,17 +116,20 @@ def test_selfextend_groups_distant_keys(max_positions, per_head):
 @pytest.mark.parametrize("position", ["contiguous", "infllm", "selfextend"])
 def test_local_mass_is_the_attention_local_keys_receive(position):
     window, rotary = _window(), PlainRope(D)
+    # Queries 43..46 of a local part running to 49: the last three local keys are in their future.
+    window.q_abs = window.q_abs - 3
     config = MemoryConfig(position=position, selfextend_group=4, selfextend_window=8)
     q = torch.randn(1, 4, window.q_abs.shape[0], D, dtype=torch.float64)
     _, mass = attend(q, window, config=config, rotary=rotary, scale=0.25, want_mass=True)
-    # Every query spreads mass 1 over the window: the local share is at most that, and the
-    # local keys of a single-query-step receive exactly what the memory does not.
+    # Every query spreads mass 1 over the window (memory included): the local share is at most
+    # that; a key no query may see receives none, every other local key some.
     n_queries, n_q_heads = q.shape[2], q.shape[1]
     assert mass.shape == (1, 2, window.k.shape[2] - window.n_memory)
-    assert (mass >= 0).all()
     assert float(mass.sum()) <= n_queries * n_q_heads + 1e-6
     future = window.k_abs[window.n_memory :] > window.q_abs[-1]
+    assert int(future.sum()) == 3
     assert torch.all(mass[..., future] == 0)
+    assert torch.all(mass[..., ~future] > 0)
 
 
 def test_stacked_keeps_order_inside_each_unit():
