@@ -17,17 +17,13 @@ import torch
 
 from agentmem.builtin import BUILTIN, BuiltinModel, assemble
 from agentmem.config import MemoryConfig
+from agentmem.paths import home
 from agentmem.session import LanguageModel
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gemma-3-270m"
 BUILTIN_MODELS = tuple(BUILTIN)
-
-
-def home() -> Path:
-    """Where agentmem keeps converted models (and, later, sessions)."""
-    return Path(os.environ.get("AGENTMEM_HOME", Path.home() / ".cache" / "agentmem"))
 
 
 def default_device() -> torch.device:
