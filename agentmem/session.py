@@ -71,6 +71,28 @@ class Session:
         """Tokens in memory, generated ones included."""
         return len(self.tokens) + len(self._pending)
 
+    def state_dict(self, units_from: list[int] | None = None) -> dict:
+        """The session's memory (`AgentMemCache.state_dict`) plus what the next step needs: the
+        stream's tokens, tokens generated but not yet fed, and the next logits. Views, not copies.
+        """
+        state = self.cache.state_dict(units_from)
+        state["tensors"]["session.tokens"] = torch.tensor(self.tokens, dtype=torch.int64)
+        if self._next_logits is not None:
+            state["tensors"]["session.next_logits"] = self._next_logits
+        state["meta"]["session"] = {"pending": list(self._pending)}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where the session that gave `state` (with every unit) stood: the next
+        greedy tokens are the ones it would have produced. Tensors move to the model's device."""
+        device = self.lm.device
+        tensors = {name: t.to(device) for name, t in state["tensors"].items()}
+        session = state["meta"]["session"]
+        self.cache.load_state_dict({"meta": state["meta"], "tensors": tensors})
+        self.tokens = tensors.pop("session.tokens").tolist()
+        self._next_logits = tensors.pop("session.next_logits", None)
+        self._pending = [int(i) for i in session["pending"]]
+
     def append(self, text: str) -> int:
         """Stream `text` into memory; returns the number of tokens it added."""
         if not isinstance(text, str) or not text:

@@ -120,29 +120,44 @@ def fill_memory(
 ) -> None:
     """Every memory layer holding `n_tokens` random tokens: sinks, units (with representatives)
     and a full local window, as a prefill of that length leaves them; sliding layers a full
-    window."""
+    window. Handed over through `load_state_dict`, the memory's one way in."""
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", dtype=dtype)
+
     for layer in cache.sliding_layers:
-        layer.k = torch.randn(1, n_kv, layer.window, head_dim, device="cuda", dtype=dtype)
-        layer.v = torch.randn_like(layer.k)
-        layer.seen = n_tokens
+        k = randn(1, n_kv, layer.window, head_dim)  # as a one-token step leaves it
+        meta = {"kind": "sliding", "window": layer.window, "seen": n_tokens}
+        layer.load_state_dict({"meta": meta, "tensors": {"k": k, "v": torch.randn_like(k)}})
     for layer in cache.memory_layers:
         cfg = layer.config
         n_units = (n_tokens - cfg.n_init - cfg.n_local) // cfg.unit_size
-        layer.sink_k = torch.randn(1, n_kv, cfg.n_init, head_dim, device="cuda", dtype=dtype)
-        layer.sink_v = torch.randn_like(layer.sink_k)
-        layer.units.start = cfg.n_init
+        unit_k = randn(1, n_kv, n_units * cfg.unit_size, head_dim)
+        reps = []
         for first in range(0, n_units, 256):  # in slices: no full-size temporaries
             count = min(256, n_units - first)
-            keys = torch.randn(1, n_kv, count * cfg.unit_size, head_dim, device="cuda", dtype=dtype)
+            keys = unit_k[:, :, first * cfg.unit_size : (first + count) * cfg.unit_size]
             mass = torch.rand(1, n_kv, count, cfg.unit_size, device="cuda")
-            reps = representatives(
+            reps.append(representatives(
                 keys.view(1, n_kv, count, cfg.unit_size, head_dim), mass, kind=cfg.repr,
                 r=cfg.repr_topk,
-            )  # fmt: skip
-            layer.units.add(keys, torch.randn_like(keys), reps)
-        local = torch.randn(1, n_kv, cfg.n_local, head_dim, device="cuda", dtype=dtype)
-        layer._append_local(local, torch.randn_like(local))
-        layer.seen = cfg.n_init + n_units * cfg.unit_size + cfg.n_local
+            ))  # fmt: skip
+        sink_k, local_k = (
+            randn(1, n_kv, cfg.n_init, head_dim),
+            randn(1, n_kv, cfg.n_local, head_dim),
+        )
+        tensors = {
+            "sink_k": sink_k, "sink_v": torch.randn_like(sink_k),
+            "unit_k": unit_k, "unit_v": torch.randn_like(unit_k), "reps": torch.cat(reps, dim=2),
+            "local_k": local_k, "local_v": torch.randn_like(local_k),
+            "local_mass": torch.zeros(1, n_kv, cfg.n_local, device="cuda"),
+        }  # fmt: skip
+        meta = {
+            "kind": "memory", "memory": cfg.model_dump(), "units_start": cfg.n_init,
+            "seen": cfg.n_init + n_units * cfg.unit_size + cfg.n_local, "n_units": n_units,
+            "units_from": 0, "dropped": 0,
+        }  # fmt: skip
+        layer.load_state_dict({"meta": meta, "tensors": tensors})
 
 
 # -- decode -------------------------------------------------------------------------------------

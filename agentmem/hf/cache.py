@@ -11,7 +11,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from agentmem.config import MemoryConfig
-from agentmem.memory.layer import MemoryLayer, SlidingLayer
+from agentmem.memory.layer import MemoryLayer
+from agentmem.memory.sliding import SlidingLayer
 
 
 class AgentMemCacheLayer(CacheLayerMixin):
@@ -99,3 +100,38 @@ class AgentMemCache(Cache):
     def nbytes(self) -> int:
         """Bytes held by every layer's keys, values and representatives."""
         return sum(layer.state.nbytes() for layer in self.layers)
+
+    def state_dict(self, units_from: list[int] | None = None) -> dict:
+        """Every layer's state: {"meta": {"memory", "layers"}, "tensors": {"<layer>.<name>"}}.
+
+        `units_from[i]`: memory layer i's units already saved (left out); see
+        `MemoryLayer.state_dict`. Tensors are views, not copies.
+        """
+        metas, tensors = [], {}
+        saved = iter(units_from or [0] * len(self.memory_layers))
+        for index, layer in enumerate(self.layers):
+            state = layer.state
+            if isinstance(state, MemoryLayer):
+                part = state.state_dict(next(saved))
+            else:
+                part = state.state_dict()
+            metas.append(part["meta"])
+            tensors.update({f"{index}.{name}": t for name, t in part["tensors"].items()})
+        return {"meta": {"memory": self.config.model_dump(), "layers": metas}, "tensors": tensors}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Hold exactly what `state_dict()` (with every unit) gave; tensors are taken, not
+        copied, so move them to the model's device first."""
+        metas = state["meta"]["layers"]
+        if len(metas) != len(self.layers):
+            raise ValueError(
+                f"the state holds {len(metas)} layers, this model's cache {len(self.layers)}"
+            )
+        for index, (layer, meta) in enumerate(zip(self.layers, metas, strict=True)):
+            prefix = f"{index}."
+            tensors = {
+                name[len(prefix) :]: t for name, t in state["tensors"].items()
+                if name.startswith(prefix)
+            }  # fmt: skip
+            layer.state.load_state_dict({"meta": meta, "tensors": tensors})
+            layer.is_initialized = meta["seen"] > 0

@@ -21,7 +21,8 @@ from agentmem.hf.attention import CACHE_KWARG, NAME, agentmem_attention, agentme
 from agentmem.hf.cache import AgentMemCache
 from agentmem.hf.rope import IdentityRotary, ModelRope
 from agentmem.hf.seam import CACHE_NAMES, cache_argument
-from agentmem.memory.layer import MemoryLayer, SlidingLayer
+from agentmem.memory.layer import MemoryLayer
+from agentmem.memory.sliding import SlidingLayer
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 

@@ -1,4 +1,4 @@
-"""Per-layer state: unbounded memory of a global layer, bounded cache of a sliding layer.
+"""Per-layer state of a global-attention layer: unbounded memory, finite window.
 
 `MemoryLayer` keeps sinks, packed units and the local window of one global-attention layer and
 answers one step at a time: make room (pack the oldest local tokens into units), retrieve the top-k
@@ -11,48 +11,11 @@ from __future__ import annotations
 import torch
 
 from agentmem.config import MemoryConfig
+from agentmem.memory.pending import PendingKV, shift_in
 from agentmem.memory.policy import Rope, Window, attend
 from agentmem.memory.representatives import representatives, score_kind
 from agentmem.memory.store import GrowingTensor, UnitStore
-from agentmem_kernels import attention, gather_units, memory_attention, rope, score_units
-
-
-def _shift_in(rows: torch.Tensor, new: torch.Tensor) -> None:
-    """In place, in `rows` [B, H, N, ...]: the oldest T rows leave, the rest move to the front,
-    the T rows of `new` take the end (a fixed-shape window step)."""
-    tokens = new.shape[2]
-    rows[:, :, :-tokens] = rows[:, :, tokens:].clone()
-    rows[:, :, -tokens:] = new
-
-
-class _PendingKV:
-    """Keys/values handed over by the cache's `update`, consumed by the next `attend`."""
-
-    def __init__(self) -> None:
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-
-    def put(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        if self.k is not None:
-            raise RuntimeError(
-                "agentmem: keys were stored twice without an attention step in between; "
-                "each layer's cache update must be followed by its attention"
-            )
-        self.k, self.v = k, v
-
-    def clear(self) -> None:
-        """Forget keys stored by a step that failed before its attention ran."""
-        self.k = self.v = None
-
-    def take(self, n_queries: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k is None or self.k.shape[2] != n_queries:
-            raise RuntimeError(
-                "agentmem: attention called without the matching cache update "
-                "(the model must be wrapped with agentmem.wrap and given an AgentMemCache)"
-            )
-        k, v = self.k, self.v
-        self.k = self.v = None
-        return k, v
+from agentmem_kernels import gather_units, memory_attention, rope, score_units
 
 
 class MemoryLayer:
@@ -81,7 +44,7 @@ class MemoryLayer:
         self.local_rotated = GrowingTensor()
         self.dropped = 0  # tokens discarded (streaming)
         self.last_ids: torch.Tensor | None = None  # [B, Hkv, k] units retrieved by the last step
-        self.pending = _PendingKV()
+        self.pending = PendingKV()
         self.counts: torch.Tensor | None = None  # static mode: [local length, units] int32
         self.static_tokens = 1  # tokens per static step
         self.static_armed = False  # set by agentmem.hf.graphs around the static steps it runs
@@ -89,6 +52,81 @@ class MemoryLayer:
     def empty(self) -> MemoryLayer:
         """A new, empty memory of this layer's layout."""
         return MemoryLayer(self.config, self.rotary)
+
+    # -- state: the one way in and out ------------------------------------------------------
+
+    def state_dict(self, units_from: int = 0) -> dict:
+        """What this memory holds: {"meta": small JSON-able facts, "tensors": name -> tensor}.
+
+        Tensors are views, not copies. `units_from` leaves out the first units (a save that
+        already wrote them); every other part is whole. Not while a captured step runs.
+        """
+        if self.static_armed:
+            raise RuntimeError("a memory in the middle of a captured step has no state to give")
+        units = self.units
+        if not 0 <= units_from <= units.n_units:
+            raise ValueError(f"units_from={units_from} outside [0, {units.n_units}]")
+        rows = slice(units_from * self.config.unit_size, units.n_units * self.config.unit_size)
+        parts = {
+            "sink_k": self.sink_k,
+            "sink_v": self.sink_v,
+            "unit_k": None if units.keys.data is None else units.keys.data[:, :, rows],
+            "unit_v": None if units.values.data is None else units.values.data[:, :, rows],
+            "reps": None if units.reps.data is None else units.reps.data[:, :, units_from:],
+            "local_k": self.local_k,
+            "local_v": self.local_v,
+            "local_mass": self.local_mass,
+            "last_ids": self.last_ids,
+        }
+        meta = {
+            "kind": "memory",
+            "memory": self.config.model_dump(),
+            "seen": self.seen,
+            "units_start": units.start,
+            "n_units": units.n_units,
+            "units_from": units_from,
+            "dropped": self.dropped,
+        }
+        return {"meta": meta, "tensors": {k: v for k, v in parts.items() if v is not None}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Hold exactly what `state_dict()` (with every unit) gave; tensors are taken, not copied.
+
+        The memory layout must be this layer's: a state from another layout is refused."""
+        meta, tensors = state["meta"], state["tensors"]
+        if meta.get("kind") != "memory":
+            raise ValueError(f"not a memory layer's state (kind {meta.get('kind')!r})")
+        if meta["memory"] != self.config.model_dump():
+            raise ValueError(
+                f"this state was made with the memory layout {meta['memory']}, which is not this "
+                f"layer's {self.config.model_dump()}; load it with the layout it was made with"
+            )
+        if meta["units_from"] != 0:
+            raise ValueError("a state without its first units cannot be loaded; join the saves")
+        n_units = meta["n_units"]
+        reps = tensors.get("reps")
+        if (0 if reps is None else reps.shape[2]) != n_units:
+            raise ValueError(f"the state names {n_units} units but holds representatives of "
+                             f"{0 if reps is None else reps.shape[2]}")  # fmt: skip
+        self.stop_static()
+        self.seen, self.dropped = meta["seen"], meta["dropped"]
+        self.sink_k, self.sink_v = tensors.get("sink_k"), tensors.get("sink_v")
+        self.units = UnitStore(self.config.unit_size)
+        self.units.start = meta["units_start"]
+        self.units.keys = GrowingTensor.holding(tensors.get("unit_k"))
+        self.units.values = GrowingTensor.holding(tensors.get("unit_v"))
+        self.units.reps = GrowingTensor.holding(reps)
+        local_k = tensors.get("local_k")
+        self.local = tuple(
+            GrowingTensor.holding(tensors.get(name))
+            for name in ("local_k", "local_v", "local_mass")
+        )
+        self.local_rotated = GrowingTensor()
+        if self.reads_in_place and local_k is not None:
+            cos, sin = self._table(local_k.shape[2], local_k.device)
+            self.local_rotated.append(rope(local_k.float(), cos, sin).to(local_k.dtype))
+        self.last_ids = tensors.get("last_ids")
+        self.pending.clear()
 
     @property
     def local_k(self) -> torch.Tensor | None:
@@ -423,7 +461,7 @@ class MemoryLayer:
         self.counts[1:2].add_(n_units)
         zeros = torch.zeros(k.shape[:3], device=k.device)
         for part, new in zip(self.local, (k, v, zeros), strict=True):
-            _shift_in(part.buffer[:, :, :window], new)
+            shift_in(part.buffer[:, :, :window], new)
         cos, sin = self._table(window, k.device)
         local_k = self.local[0].buffer[:, :, :window]
         self.local_rotated.buffer[:, :, :window] = rope(local_k.float(), cos, sin).to(k.dtype)
@@ -447,103 +485,3 @@ class MemoryLayer:
             t.numel() * t.element_size() for t in (self.sink_k, self.sink_v) if t is not None
         )
         return held + sinks + self.units.nbytes()
-
-
-class SlidingLayer:
-    """The bounded cache of a sliding-window layer: its last `window - 1` tokens, pre-RoPE.
-
-    Static mode (`start_static`, for `agentmem.hf.graphs`): steps of a fixed number of tokens T
-    keep keys and values in one buffer of `window - 1 + T` rows that each step shifts by T in
-    place, so that every shape and address stays fixed; the window must be full to start.
-    """
-
-    def __init__(self, window: int, rotary: Rope) -> None:
-        self.window = window
-        self.rotary = rotary
-        self.seen = 0
-        self.k: torch.Tensor | None = None  # [B, Hkv, <= window - 1 + T, D]
-        self.v: torch.Tensor | None = None
-        self.pending = _PendingKV()
-        self.static_tokens: int | None = None  # static mode: tokens per step
-        self.static_armed = False  # set by agentmem.hf.graphs around the static steps it runs
-
-    def empty(self) -> SlidingLayer:
-        """A new, empty window of this layer's size."""
-        return SlidingLayer(self.window, self.rotary)
-
-    def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.pending.put(k, v)
-
-    def static_problem(self, tokens: int = 1) -> str | None:
-        """Why steps of `tokens` tokens of this layer cannot be captured now, or None."""
-        held = 0 if self.k is None else self.k.shape[2]
-        if held < self.window - 1 + tokens:
-            return (
-                f"static steps of {tokens} tokens start once the sliding layer holds "
-                f"{self.window - 1 + tokens} tokens (its window and the last step's); "
-                f"it holds {held}"
-            )
-        return None
-
-    def start_static(self, tokens: int = 1) -> None:
-        if (problem := self.static_problem(tokens)) is not None:
-            raise ValueError(problem)
-        rows = self.window - 1 + tokens
-        self.k, self.v = self.k[:, :, -rows:].clone(), self.v[:, :, -rows:].clone()
-        self.static_tokens = tokens
-
-    def stop_static(self) -> None:
-        self.static_tokens = None
-
-    def after_static_step(self) -> None:
-        """The host's record of what a replayed step did."""
-        self.seen += self.static_tokens
-
-    def attend(self, q: torch.Tensor, scale: float) -> torch.Tensor:
-        """Sliding-window attention of the stored step's queries: [B, Hq, T, D] in q's dtype."""
-        k_new, v_new = self.pending.take(q.shape[2])
-        keep = self.window - 1
-        if self.static_tokens is not None and self.static_armed:
-            _shift_in(self.k, k_new)  # same buffer, same shape
-            _shift_in(self.v, v_new)
-            return self._attend(q, scale)
-        self.stop_static()  # an ordinary step: its owner starts static mode again if it resumes
-        if self.k is None:
-            self.k, self.v = k_new, v_new
-        else:
-            self.k = torch.cat((self.k[:, :, -keep:], k_new), dim=2)
-            self.v = torch.cat((self.v[:, :, -keep:], v_new), dim=2)
-        self.seen += q.shape[2]
-        return self._attend(q, scale)
-
-    def _attend(self, q: torch.Tensor, scale: float) -> torch.Tensor:
-        """The queries (the last T keys' tokens) over the held keys, at most `window` back."""
-        n_keys, n_queries = self.k.shape[2], q.shape[2]
-        # Keys renumbered from 0: RoPE only sees distances.
-        positions = torch.arange(n_keys, device=q.device)
-        cos, sin = self.rotary.cos_sin(positions, q.dtype, n_keys)
-        keys = rope(self.k, cos, sin)
-        queries = rope(q, cos[n_keys - n_queries :], sin[n_keys - n_queries :])
-        # Query blocks see overlapping key ranges; blocking skips most of what the window masks.
-        block = max(self.window // 4, 64)
-        outs = []
-        for first in range(0, n_queries, block):
-            last = min(first + block, n_queries)
-            q_first = n_keys - n_queries + first  # key index of the block's first query
-            k_first = max(q_first - self.window + 1, 0)
-            k_stop = n_keys - n_queries + last
-            out, _, _ = attention(
-                queries[:, :, first:last],
-                keys[:, :, k_first:k_stop],
-                self.v[:, :, k_first:k_stop],
-                scale=scale,
-                q_abs=positions[q_first:k_stop],
-                k_abs=positions[k_first:k_stop],
-                max_dist=self.window,
-                return_lse=False,
-            )
-            outs.append(out)
-        return torch.cat(outs, dim=2).to(q.dtype)
-
-    def nbytes(self) -> int:
-        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()

@@ -17,6 +17,14 @@ class GrowingTensor:
         self._data: torch.Tensor | None = None
         self.length = 0
 
+    @classmethod
+    def holding(cls, x: torch.Tensor | None) -> GrowingTensor:
+        """A tensor whose entries are `x` [B, H, n, ...] (taken as storage, not copied)."""
+        grown = cls()
+        if x is not None:
+            grown._data, grown.length = x, x.shape[2]
+        return grown
+
     @property
     def data(self) -> torch.Tensor | None:
         """The filled part, `[B, H, length, ...]` (a view), or None before the first append."""

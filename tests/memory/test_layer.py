@@ -8,8 +8,9 @@ import torch
 
 import agentmem.memory.layer as memory_layer
 from agentmem.config import MemoryConfig
-from agentmem.memory.layer import MemoryLayer, SlidingLayer
+from agentmem.memory.layer import MemoryLayer
 from agentmem.memory.representatives import representatives
+from agentmem.memory.sliding import SlidingLayer
 from agentmem_kernels import rope
 from tests.helpers import PlainRope
 
