@@ -9,7 +9,7 @@ LOCK := constraints.txt
 EXTRAS := dev,qwen-0.5b
 # Run again on the newest and the oldest releases the ranges allow: the seam, sessions, the docs'
 # snippets and the real models.
-RANGE_TESTS := tests/hf tests/test_session.py tests/test_readme.py tests/real
+RANGE_TESTS := tests/hf tests/test_session.py tests/test_state.py tests/persistence tests/test_readme.py tests/real
 TRANSFORMERS_OLDEST := $(shell sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
 
 .PHONY: install models lock demo test test-latest test-oldest lint format clean

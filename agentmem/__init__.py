@@ -13,6 +13,8 @@ from agentmem.hf.wrap import (
     wrap,
 )
 from agentmem.models import BUILTIN_MODELS, load
+from agentmem.persistence import Store
+from agentmem.persistent import PersistentSession
 from agentmem.session import LanguageModel, Recall, Session
 
 __all__ = [
@@ -23,8 +25,10 @@ __all__ = [
     "AgentMemCache",
     "LanguageModel",
     "MemoryConfig",
+    "PersistentSession",
     "Recall",
     "Session",
+    "Store",
     "decode_one_token",
     "greedy",
     "is_wrapped",

@@ -172,7 +172,7 @@ def warm_up(lm: LanguageModel, memory: MemoryConfig) -> None:
 def _run_session(
     lm: LanguageModel, prompt: PasskeyPrompt, config: MemoryConfig, max_new_tokens: int
 ) -> tuple[str, float, int, int]:
-    session = lm.session(config)
+    session = lm.session(memory=config)
     start = time.perf_counter()
     session.append_tokens(prompt.ids)
     _synchronize(lm.device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 
 import torch
 from torch import nn
@@ -24,12 +25,25 @@ PROGRESS_MIN_TOKENS = 4096
 
 @dataclass(frozen=True)
 class Recall:
-    """A memory unit retrieved by the last step: its token span, its text, and by which layers."""
+    """A memory unit retrieved by the last step: its token span, its text, by which layers, and
+    (in a stored session) the messages (role, text) its tokens came from."""
 
     start: int
     end: int
     text: str
     layers: tuple[int, ...]
+    messages: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Message:
+    """What one `append` or one generation added: its role, text and token span [start, end)."""
+
+    role: str
+    text: str
+    start: int
+    end: int
+    created: datetime | None = None  # when a store recorded it
 
 
 class LanguageModel:
@@ -50,9 +64,28 @@ class LanguageModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def session(self, memory: MemoryConfig | None = None, *, progress: bool = True) -> Session:
-        """A fresh, empty memory stream (this model's memory layout unless `memory` is given)."""
-        return Session(self, memory or self.memory, progress=progress)
+    def session(
+        self, session_id: str | None = None, *, store=None, tenant: str = "default",
+        memory: MemoryConfig | None = None, progress: bool = True, autosave: bool = True,
+    ) -> Session:  # fmt: skip
+        """A memory stream: fresh and in this process only, or with `store` (an
+        `agentmem.Store`) the stored session `session_id` of `tenant`, created if new and
+        resumed if not (`agentmem.persistent.PersistentSession`).
+
+        `memory`: the layout of a new session (default: this model's).
+        """
+        if store is None:
+            if session_id is not None:
+                raise ValueError("a session id names a stored session: pass store=agentmem.Store()")
+            return Session(self, memory or self.memory, progress=progress)
+        if session_id is None:
+            raise ValueError("a stored session needs a session id")
+        from agentmem.persistent import PersistentSession  # the store sits above sessions
+
+        return PersistentSession(
+            self, store, session_id, tenant=tenant, memory=memory, progress=progress,
+            autosave=autosave,
+        )  # fmt: skip
 
 
 class Session:
@@ -66,6 +99,7 @@ class Session:
         self.tokens: list[int] = []  # every token in memory, in stream order
         self._pending: list[int] = []  # generated tokens not yet fed to the model
         self._next_logits: torch.Tensor | None = None  # [1, V] after the last fed token
+        self._messages: list[Message] = []
 
     def __len__(self) -> int:
         """Tokens in memory, generated ones included."""
@@ -73,13 +107,14 @@ class Session:
 
     def state_dict(self, units_from: list[int] | None = None) -> dict:
         """The session's memory (`AgentMemCache.state_dict`) plus what the next step needs: the
-        stream's tokens, tokens generated but not yet fed, and the next logits. Views, not copies.
-        """
+        stream's tokens, tokens generated but not yet fed, the next logits, and the messages.
+        Views, not copies."""
         state = self.cache.state_dict(units_from)
         state["tensors"]["session.tokens"] = torch.tensor(self.tokens, dtype=torch.int64)
         if self._next_logits is not None:
             state["tensors"]["session.next_logits"] = self._next_logits
-        state["meta"]["session"] = {"pending": list(self._pending)}
+        messages = [[m.role, m.text, m.start, m.end] for m in self._messages]
+        state["meta"]["session"] = {"pending": list(self._pending), "messages": messages}
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -92,14 +127,20 @@ class Session:
         self.tokens = tensors.pop("session.tokens").tolist()
         self._next_logits = tensors.pop("session.next_logits", None)
         self._pending = [int(i) for i in session["pending"]]
+        self._messages = [Message(*m) for m in session.get("messages", [])]
 
-    def append(self, text: str) -> int:
-        """Stream `text` into memory; returns the number of tokens it added."""
+    def append(self, text: str, role: str = "user") -> int:
+        """Stream `text` into memory as a message of `role`; returns the tokens it added.
+
+        Each append is tokenized on its own (text split across appends may tokenize differently
+        from the same text in one)."""
         if not isinstance(text, str) or not text:
             raise ValueError("append needs a non-empty string")
-        first = len(self) == 0
-        ids = self.lm.tokenizer(text, add_special_tokens=first).input_ids
-        return self.append_tokens(ids)
+        start = len(self)
+        ids = self.lm.tokenizer(text, add_special_tokens=start == 0).input_ids
+        added = self.append_tokens(ids)
+        self._record(role, text, start)
+        return added
 
     def append_tokens(self, ids: list[int]) -> int:
         """Stream token ids into memory; returns how many were added."""
@@ -127,12 +168,31 @@ class Session:
         self.tokens.extend(ids)
         self._pending = []
 
-    def generate(self, max_new_tokens: int = 16) -> str:
-        """Greedy continuation of everything in memory, as text (stops at end of sequence)."""
-        return "".join(self.stream(max_new_tokens))
+    def generate(self, max_new_tokens: int = 16, role: str = "assistant") -> str:
+        """Greedy continuation of everything in memory, as text (stops at end of sequence),
+        recorded as a message of `role`."""
+        return "".join(self.stream(max_new_tokens, role))
 
-    def stream(self, max_new_tokens: int = 16) -> Iterator[str]:
-        """The same continuation as `generate`, yielded as text pieces while it decodes."""
+    def stream(self, max_new_tokens: int = 16, role: str = "assistant") -> Iterator[str]:
+        """The same continuation as `generate`, yielded as text pieces while it decodes; what
+        it produced (also if the caller stops early) is recorded as a message of `role`."""
+        start, pieces = len(self), []
+        try:
+            for piece in self._pieces(max_new_tokens):
+                pieces.append(piece)
+                yield piece
+        finally:
+            if len(self) > start:
+                self._record(role, "".join(pieces), start)
+
+    def _record(self, role: str, text: str, start: int) -> None:
+        self._messages.append(Message(role, text, start, len(self)))
+
+    def messages(self) -> list[Message]:
+        """Every message in memory, in order, with its token span."""
+        return list(self._messages)
+
+    def _pieces(self, max_new_tokens: int) -> Iterator[str]:
         ids = self.generate_tokens(max_new_tokens)
         stop = self._stop_ids()
         produced: list[int] = []
@@ -188,6 +248,12 @@ class Session:
                 by_span.setdefault(state.units.span(unit), []).append(layer_idx)
         decode = self.lm.tokenizer.decode
         return [
-            Recall(start, end, decode(self.tokens[start:end]), tuple(layers))
+            Recall(
+                start,
+                end,
+                decode(self.tokens[start:end]),
+                tuple(layers),
+                tuple((m.role, m.text) for m in self._messages if m.start < end and start < m.end),
+            )  # fmt: skip
             for (start, end), layers in sorted(by_span.items())
         ]

@@ -1,0 +1,142 @@
+"""Sessions that outlive their process: a `Session` whose memory and messages live in a `Store`.
+
+Every save appends one segment: the units packed since the last save, the tokens added since, and
+the parts that change in place (sinks, local and sliding windows, the next logits), so a save costs
+what changed, not the whole memory. Resuming joins the segments' units and takes the windows of the
+last one; the next greedy tokens are the uninterrupted session's. A session records the model it
+was made with (`fingerprint`) and its memory layout; opening it with another is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+from agentmem.config import MemoryConfig
+from agentmem.persistence import Store
+from agentmem.persistence import records as store_records
+from agentmem.session import LanguageModel, Message, Session
+
+# Tensors a segment holds for every memory layer's units (joined across segments on resume).
+UNIT_PARTS = ("unit_k", "unit_v", "reps")
+# Config entries that say nothing about the weights (where they were loaded from, the release).
+VOLATILE = ("_name_or_path", "transformers_version", "_attn_implementation", "dtype", "torch_dtype")
+
+
+def fingerprint(lm: LanguageModel) -> dict:
+    """What a saved memory depends on: the model's architecture, config and tokenizer, its
+    dtype and rope parameters (sha256 of the config and of the vocabulary)."""
+    config = {k: v for k, v in lm.model.config.to_dict().items() if k not in VOLATILE}
+    vocab = sorted(lm.tokenizer.get_vocab().items())
+    dtype = next(lm.model.parameters()).dtype
+    return {
+        "model_type": lm.model.config.model_type,
+        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+        "tokenizer_sha256": hashlib.sha256(json.dumps(vocab).encode()).hexdigest(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "rope": json.loads(json.dumps(config.get("rope_parameters"), default=str)),
+    }
+
+
+def _message(record: store_records.Message) -> Message:
+    return Message(record.role, record.text, record.start, record.end, record.created)
+
+
+class PersistentSession(Session):
+    """A `Session` kept in `store` as `session_id` of `tenant`: created if new, else resumed.
+
+    The messages `append`, `generate` and `stream` record go to the store too; with `autosave`
+    each of them saves. `fork` copies the session without copying its payloads.
+    """
+
+    def __init__(
+        self, lm: LanguageModel, store: Store, session_id: str, *, tenant: str = "default",
+        memory: MemoryConfig | None = None, progress: bool = True, autosave: bool = True,
+    ) -> None:  # fmt: skip
+        self.store, self.id, self.tenant, self.autosave = store, session_id, tenant, autosave
+        info = store.session_info(tenant, session_id)
+        if info is not None:
+            saved = MemoryConfig(**info.memory)
+            if memory is not None and memory != saved:
+                raise ValueError(
+                    f"session '{session_id}' was saved with the memory layout {saved!r}, not "
+                    f"{memory!r}; open it without memory= (or with its own layout)"
+                )
+            memory = saved
+        super().__init__(lm, memory or lm.memory, progress=progress)
+        mine = fingerprint(lm)
+        if info is None:
+            store.create_session(
+                tenant, session_id, fingerprint=mine, memory=self.memory.model_dump()
+            )
+            self._mark_saved()
+        else:
+            if info.fingerprint != mine:
+                raise ValueError(
+                    f"session '{session_id}' was made with another model ({info.fingerprint}); "
+                    f"this one is {mine}: open it with the model it was made with"
+                )
+            self._resume()
+        self._messages = [_message(record) for record in store.messages(tenant, session_id)]
+
+    # -- saving and resuming ---------------------------------------------------------------------
+
+    def save(self) -> bool:
+        """Append what changed since the last save as one segment; False if nothing had."""
+        if len(self) == self._saved_length:
+            return False
+        state = self.state_dict(units_from=self._saved_units)
+        tensors = {name: t.contiguous() for name, t in state["tensors"].items()}
+        # The stream's tokens fed since the last save (the generated one not yet fed: in meta).
+        tensors["session.tokens"] = tensors["session.tokens"][self._saved_fed :].clone()
+        state["meta"]["session"]["tokens_from"] = self._saved_fed
+        del state["meta"]["session"]["messages"]  # the store holds them, once
+        self.store.write_segment(self.tenant, self.id, tensors, state["meta"], tokens=len(self))
+        self._mark_saved()
+        return True
+
+    def _mark_saved(self) -> None:
+        self._saved_units = [layer.units.n_units for layer in self.cache.memory_layers]
+        self._saved_fed, self._saved_length = len(self.tokens), len(self)
+
+    def _resume(self) -> None:
+        segments = self.store.segments(self.tenant, self.id)
+        if not segments:
+            self._mark_saved()
+            return
+        pieces: dict[str, list[torch.Tensor]] = {}
+        tokens: list[torch.Tensor] = []
+        for segment in segments:
+            tensors = self.store.read_segment(segment)
+            tokens.append(tensors.pop("session.tokens"))
+            for name, tensor in tensors.items():
+                if name.rpartition(".")[2] in UNIT_PARTS:
+                    pieces.setdefault(name, []).append(tensor)
+        last, meta = tensors, segments[-1].meta  # windows and counts: the newest save's
+        joined = {name: torch.cat(parts, dim=2) for name, parts in pieces.items()}
+        for layer_meta in meta["layers"]:
+            if layer_meta["kind"] == "memory":
+                layer_meta["units_from"] = 0
+        last.update(joined)
+        last["session.tokens"] = torch.cat(tokens)
+        self.load_state_dict({"meta": meta, "tensors": last})
+        self._mark_saved()
+
+    # -- messages --------------------------------------------------------------------------------
+
+    def _record(self, role: str, text: str, start: int) -> None:
+        record = self.store.add_message(self.tenant, self.id, role, text, start, len(self))
+        self._messages.append(_message(record))
+        if self.autosave:
+            self.save()
+
+    def fork(self, new_id: str) -> PersistentSession:
+        """A copy of this session as `new_id` (saved first); the copy shares its payloads."""
+        self.save()
+        self.store.fork(self.tenant, self.id, new_id)
+        return PersistentSession(
+            self.lm, self.store, new_id, tenant=self.tenant, progress=self.progress,
+            autosave=self.autosave,
+        )  # fmt: skip
