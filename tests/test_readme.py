@@ -21,7 +21,7 @@ def snippets() -> list[str]:
 
 
 def test_the_readme_has_its_snippets():
-    assert len(snippets()) >= 2
+    assert len(snippets()) >= 3
 
 
 def test_the_readme_snippets_run(capsys):
@@ -38,6 +38,10 @@ def test_the_readme_snippets_run(capsys):
     assert namespace["cache"].get_seq_length() == namespace["input_ids"].shape[1]
     assert namespace["logits"].shape[:2] == namespace["input_ids"].shape
     assert not agentmem.is_wrapped(namespace["model"])
+    roles = [m.role for m in namespace["history"]]
+    assert roles == ["user", "assistant"] and namespace["reply"] == namespace["history"][1].text
+    assert [info.id for info in namespace["listed"]] == ["support-42", "support-42-b"]
+    assert [info.id for info in namespace["store"].sessions("acme")] == ["support-42"]
 
 
 @pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.py")))
