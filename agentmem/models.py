@@ -57,6 +57,7 @@ def load(
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
     path = model_dir(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    _check_merges(tokenizer, str(path))  # also a copy converted by a release that lost them
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     return LanguageModel(model, tokenizer, memory)
 
@@ -112,8 +113,28 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
+    _check_merges(tokenizer, gguf.name)
     # The weights are dequantized now; drop the GGUF marker so the copy saves as plain safetensors.
     del model.config.quantization_config
     model.hf_quantizer = None
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+# Plain English words, nearly one token each for any real subword tokenizer.
+PROBE = "The pass key is hidden in the text and I will remember it for you"
+
+
+def _check_merges(tokenizer, name: str) -> None:
+    """Refuse a converted tokenizer that lost its merges (transformers 5.17 with tokenizers 0.23
+    turned Gemma's into one token per character): the model would read text it never saw."""
+    import transformers
+
+    tokens, words = len(tokenizer.tokenize(PROBE)), len(PROBE.split())
+    if tokens > 1.3 * words:
+        raise RuntimeError(
+            f"transformers {transformers.__version__} converted the tokenizer of {name} without "
+            f"its merges ({tokens} tokens for {words} plain words); install transformers>=5.18 "
+            "(the range agentmem supports) and convert again (a converted copy under the agentmem "
+            "home: delete it first)"
+        )

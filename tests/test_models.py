@@ -65,3 +65,22 @@ def test_damaged_chunks_are_refused_and_leave_no_file(tmp_path):
     with pytest.raises(RuntimeError, match="damaged"):
         assemble(damaged, tmp_path / "gemma.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tokenizer_converted_without_its_merges_is_refused(tokenizer):
+    """The character tokenizer stands in for what transformers 5.17 made of Gemma's GGUF one."""
+    with pytest.raises(RuntimeError, match="without its merges"):
+        models._check_merges(tokenizer, "model.gguf")
+    models._check_merges(bpe_like(), "model.gguf")
+
+
+def bpe_like():
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    words = models.PROBE.split()
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(dict.fromkeys(words))}}
+    tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
