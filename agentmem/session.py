@@ -2,7 +2,9 @@
 
 A session is one memory stream. `append` streams text into it (chunked prefill, the last token in a
 step of its own so that the token that answers retrieves for itself); `generate` / `stream`
-continue greedily; `recalled` says which past tokens the last step retrieved.
+continue greedily; each records a message (role, text, token span); `recalled` says which past
+tokens, and which messages, the last step retrieved. `state_dict` / `load_state_dict` are the one
+way in and out of a session (stored sessions: `agentmem.persistent`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ PROGRESS_MIN_TOKENS = 4096
 @dataclass(frozen=True)
 class Recall:
     """A memory unit retrieved by the last step: its token span, its text, by which layers, and
-    (in a stored session) the messages (role, text) its tokens came from."""
+    the messages (role, text) its tokens came from."""
 
     start: int
     end: int
@@ -143,7 +145,7 @@ class Session:
         return added
 
     def append_tokens(self, ids: list[int]) -> int:
-        """Stream token ids into memory; returns how many were added."""
+        """Stream token ids into memory; returns how many were added (recorded as no message)."""
         if not ids:
             raise ValueError("append_tokens needs at least one token id")
         vocab = self.lm.model.config.vocab_size
