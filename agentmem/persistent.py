@@ -67,8 +67,9 @@ def _message(record: store_records.Message) -> Message:
 class PersistentSession(Session):
     """A `Session` kept in `store` as `session_id` of `tenant`: created if new, else resumed.
 
-    The messages `append`, `generate` and `stream` record go to the store too; with `autosave`
-    each of them saves. `fork` copies the session without copying its payloads.
+    The messages `append`, `generate` and `stream` record are stored with the save that holds their
+    tokens, in one transaction; with `autosave` each of them saves. A crash loses at most what
+    was not saved yet. `fork` copies the session without copying its payloads.
     """
 
     def __init__(
@@ -99,7 +100,6 @@ class PersistentSession(Session):
                     f"this one is {mine}: open it with the model it was made with"
                 )
             self._resume()
-        self._messages = [_message(record) for record in store.messages(tenant, session_id)]
 
     # -- saving and resuming ---------------------------------------------------------------------
 
@@ -113,13 +113,17 @@ class PersistentSession(Session):
         tensors["session.tokens"] = tensors["session.tokens"][self._saved_fed :].clone()
         state["meta"]["session"]["tokens_from"] = self._saved_fed
         del state["meta"]["session"]["messages"]  # the store holds them, once
-        self.store.write_segment(self.tenant, self.id, tensors, state["meta"], tokens=len(self))
+        unsaved = [(m.role, m.text, m.start, m.end) for m in self._messages[self._saved_messages :]]
+        self.store.write_segment(
+            self.tenant, self.id, tensors, state["meta"], tokens=len(self), messages=unsaved
+        )
         self._mark_saved()
         return True
 
     def _mark_saved(self) -> None:
         self._saved_units = [layer.units.n_units for layer in self.cache.memory_layers]
         self._saved_fed, self._saved_length = len(self.tokens), len(self)
+        self._saved_messages = len(self._messages)
 
     def _resume(self) -> None:
         segments = self.store.segments(self.tenant, self.id)
@@ -142,13 +146,13 @@ class PersistentSession(Session):
         last.update(joined)
         last["session.tokens"] = torch.cat(tokens)
         self.load_state_dict({"meta": meta, "tensors": last})
+        self._messages = [_message(m) for m in self.store.messages(self.tenant, self.id)]
         self._mark_saved()
 
     # -- messages --------------------------------------------------------------------------------
 
     def _record(self, role: str, text: str, start: int) -> None:
-        record = self.store.add_message(self.tenant, self.id, role, text, start, len(self))
-        self._messages.append(_message(record))
+        super()._record(role, text, start)  # stored with the save that holds its tokens
         if self.autosave:
             self.save()
 

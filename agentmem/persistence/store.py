@@ -60,6 +60,18 @@ def _count(value: Any, what: str) -> int:
     return value
 
 
+def _message(role: Any, text: Any, start: Any, end: Any, when) -> Message:
+    """A message checked where it enters."""
+    if not isinstance(role, str) or not 1 <= len(role) <= MAX_ROLE or "\0" in role:
+        raise ValueError(f"role must be a str of 1-{MAX_ROLE} characters without NUL")
+    if not isinstance(text, str) or "\0" in text:
+        raise ValueError("text must be a str without NUL characters (PostgreSQL stores none)")
+    start, end = _count(start, "start"), _count(end, "end")
+    if end < start:
+        raise ValueError(f"end ({end}) must be >= start ({start})")
+    return Message(role=role, text=text, start=start, end=end, created=when)
+
+
 def _not_found(tenant: str, session_id: str) -> SessionNotFound:
     return SessionNotFound(f"no session {session_id!r} for tenant {tenant!r}")
 
@@ -250,24 +262,21 @@ class Store:
     ) -> Message:
         """Append a message (stored literally) covering tokens [start, end) of the memory."""
         _check(tenant, session_id)
-        if not isinstance(role, str) or not 1 <= len(role) <= MAX_ROLE or "\0" in role:
-            raise ValueError(f"role must be a str of 1-{MAX_ROLE} characters without NUL")
-        if not isinstance(text, str) or "\0" in text:
-            raise ValueError("text must be a str without NUL characters (PostgreSQL stores none)")
-        start, end = _count(start, "start"), _count(end, "end")
-        if end < start:
-            raise ValueError(f"end ({end}) must be >= start ({start})")
-        when = now()
+        message = _message(role, text, start, end, now())
         with self._write.begin() as s:
-            pk = self._touch(s, tenant, session_id, when)
-            seq = self._next_seq(s, MessageRow, pk)
+            pk = self._touch(s, tenant, session_id, message.created)
+            self._add_messages(s, pk, [message])
+        return message
+
+    def _add_messages(self, s: SqlSession, pk: int, messages: list[Message]) -> None:
+        seq = self._next_seq(s, MessageRow, pk)
+        for offset, m in enumerate(messages):
             s.add(
                 MessageRow(
-                    session_pk=pk, seq=seq, role=role, text=text, start=start, end=end,
-                    created=when,
+                    session_pk=pk, seq=seq + offset, role=m.role, text=m.text, start=m.start,
+                    end=m.end, created=m.created,
                 )
             )  # fmt: skip
-        return Message(role=role, text=text, start=start, end=end, created=when)
 
     def messages(self, tenant: str, session_id: str) -> list[Message]:
         """The session's messages in the order they were added."""
@@ -288,11 +297,16 @@ class Store:
         tensors: dict[str, torch.Tensor],
         meta: dict,
         tokens: int,
+        messages: list[tuple[str, str, int, int]] = (),
     ) -> Segment:
         """Append one segment: the payload file is made durable first, then its row, the
-        session's link to it and the session's token count commit in one transaction."""
+        session's link to it, the session's token count and `messages` (role, text, start, end:
+        those the segment's tokens belong to) commit in one transaction, so a crash leaves a
+        save whole or absent, its messages with it."""
         _check(tenant, session_id)
         meta, tokens = _json(meta, "meta"), _count(tokens, "tokens")
+        when = now()
+        messages = [_message(*m, when) for m in messages]
         with self._read() as s:
             self._pk(s, tenant, session_id)  # fail before writing a file
         name, size, digest = payloads.write(self.root, tensors)
@@ -304,6 +318,7 @@ class Store:
                 s.add(row)
                 s.flush()
                 s.add(SessionSegment(session_pk=pk, seq=seq, segment_id=row.id))
+                self._add_messages(s, pk, messages)
                 segment = Segment(row.id, seq, name, size, digest, meta)
         except BaseException:
             payloads.resolve(self.root, name).unlink(missing_ok=True)
