@@ -57,7 +57,8 @@ def load(
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
     path = model_dir(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    _check_merges(tokenizer, str(path))  # also a copy converted by a release that lost them
+    if path.is_relative_to(home() / "models"):  # a copy converted by a release that lost them
+        _check_merges(tokenizer, str(path))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     return LanguageModel(model, tokenizer, memory)
 
