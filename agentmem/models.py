@@ -115,6 +115,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
     _check_merges(tokenizer, gguf.name)
+    _check_bos(tokenizer, gguf.name, wants_bos=_gguf_adds_bos(gguf))
     # The weights are dequantized now; drop the GGUF marker so the copy saves as plain safetensors.
     del model.config.quantization_config
     model.hf_quantizer = None
@@ -135,7 +136,29 @@ def _check_merges(tokenizer, name: str) -> None:
     if tokens > 1.3 * words:
         raise RuntimeError(
             f"transformers {transformers.__version__} converted the tokenizer of {name} without "
-            f"its merges ({tokens} tokens for {words} plain words); install transformers>=5.18 "
+            f"its merges ({tokens} tokens for {words} plain words); install transformers>=5.23 "
             "(the range agentmem supports) and convert again (a converted copy under the agentmem "
             "home: delete it first)"
+        )
+
+
+def _gguf_adds_bos(gguf: Path) -> bool:
+    """Whether the GGUF's tokenizer metadata asks for a BOS token before every text."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf).fields.get("tokenizer.ggml.add_bos_token")
+    return field is not None and bool(field.parts[field.data[0]][0])
+
+
+def _check_bos(tokenizer, name: str, *, wants_bos: bool) -> None:
+    """Refuse a converted tokenizer that drops the BOS its GGUF asks for (transformers before
+    5.23 did so for Gemma, which then answers garbage)."""
+    import transformers
+
+    if wants_bos and tokenizer("x").input_ids[:1] != [tokenizer.bos_token_id]:
+        raise RuntimeError(
+            f"transformers {transformers.__version__} converted the tokenizer of {name} without "
+            "the BOS token its GGUF asks for; install transformers>=5.23 (the range agentmem "
+            "supports) and convert again (a converted copy under the agentmem home: delete it "
+            "first)"
         )

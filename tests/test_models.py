@@ -84,3 +84,18 @@ def bpe_like():
     tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def test_a_tokenizer_converted_without_the_bos_its_gguf_asks_for_is_refused(tokenizer):
+    models._check_bos(tokenizer, "model.gguf", wants_bos=True)  # adds <bos>: fine
+    without = bpe_like()  # adds nothing
+    models._check_bos(without, "model.gguf", wants_bos=False)
+    without.bos_token = "pass"  # a BOS it knows but does not add
+    with pytest.raises(RuntimeError, match="without the BOS"):
+        models._check_bos(without, "model.gguf", wants_bos=True)
+
+
+def test_the_built_in_gguf_asks_for_bos(tmp_path):
+    from agentmem.builtin import BUILTIN, assemble
+
+    assert models._gguf_adds_bos(assemble(BUILTIN["gemma-3-270m"], tmp_path / "g.gguf"))
