@@ -130,16 +130,9 @@ PROBE = "The pass key is hidden in the text and I will remember it for you"
 def _check_merges(tokenizer, name: str) -> None:
     """Refuse a converted tokenizer that lost its merges (transformers 5.17 with tokenizers 0.23
     turned Gemma's into one token per character): the model would read text it never saw."""
-    import transformers
-
     tokens, words = len(tokenizer.tokenize(PROBE)), len(PROBE.split())
     if tokens > 1.3 * words:
-        raise RuntimeError(
-            f"transformers {transformers.__version__} converted the tokenizer of {name} without "
-            f"its merges ({tokens} tokens for {words} plain words); install transformers>=5.23 "
-            "(the range agentmem supports) and convert again (a converted copy under the agentmem "
-            "home: delete it first)"
-        )
+        _refuse_conversion(name, f"its merges ({tokens} tokens for {words} plain words)")
 
 
 def _gguf_adds_bos(gguf: Path) -> bool:
@@ -153,12 +146,15 @@ def _gguf_adds_bos(gguf: Path) -> bool:
 def _check_bos(tokenizer, name: str, *, wants_bos: bool) -> None:
     """Refuse a converted tokenizer that drops the BOS its GGUF asks for (transformers before
     5.23 did so for Gemma, which then answers garbage)."""
+    if wants_bos and tokenizer("x").input_ids[:1] != [tokenizer.bos_token_id]:
+        _refuse_conversion(name, "the BOS token its GGUF asks for")
+
+
+def _refuse_conversion(name: str, lost: str) -> None:
     import transformers
 
-    if wants_bos and tokenizer("x").input_ids[:1] != [tokenizer.bos_token_id]:
-        raise RuntimeError(
-            f"transformers {transformers.__version__} converted the tokenizer of {name} without "
-            "the BOS token its GGUF asks for; install transformers>=5.23 (the range agentmem "
-            "supports) and convert again (a converted copy under the agentmem home: delete it "
-            "first)"
-        )
+    raise RuntimeError(
+        f"transformers {transformers.__version__} converted the tokenizer of {name} without "
+        f"{lost}; install transformers>=5.23 (the range agentmem supports) and convert again "
+        "(a converted copy under the agentmem home: delete it first)"
+    )

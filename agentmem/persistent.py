@@ -107,11 +107,9 @@ class PersistentSession(Session):
         """Append what changed since the last save as one segment; False if nothing had."""
         if len(self) == self._saved_length:
             return False
-        state = self.state_dict(units_from=self._saved_units)
+        # The units and the stream's tokens since the last save (a generated one not yet fed: meta).
+        state = self.state_dict(units_from=self._saved_units, tokens_from=self._saved_fed)
         tensors = {name: t.contiguous() for name, t in state["tensors"].items()}
-        # The stream's tokens fed since the last save (the generated one not yet fed: in meta).
-        tensors["session.tokens"] = tensors["session.tokens"][self._saved_fed :].clone()
-        state["meta"]["session"]["tokens_from"] = self._saved_fed
         del state["meta"]["session"]["messages"]  # the store holds them, once
         unsaved = [(m.role, m.text, m.start, m.end) for m in self._messages[self._saved_messages :]]
         self.store.write_segment(
@@ -143,6 +141,7 @@ class PersistentSession(Session):
         for layer_meta in meta["layers"]:
             if layer_meta["kind"] == "memory":
                 layer_meta["units_from"] = 0
+        meta["session"]["tokens_from"] = 0
         last.update(joined)
         last["session.tokens"] = torch.cat(tokens)
         self.load_state_dict({"meta": meta, "tensors": last})

@@ -107,16 +107,19 @@ class Session:
         """Tokens in memory, generated ones included."""
         return len(self.tokens) + len(self._pending)
 
-    def state_dict(self, units_from: list[int] | None = None) -> dict:
+    def state_dict(self, units_from: list[int] | None = None, tokens_from: int = 0) -> dict:
         """The session's memory (`AgentMemCache.state_dict`) plus what the next step needs: the
-        stream's tokens, tokens generated but not yet fed, the next logits, and the messages.
-        Views, not copies."""
+        stream's tokens (from `tokens_from` on: a save that wrote the others), tokens generated
+        but not yet fed, the next logits, and the messages. Views, not copies."""
         state = self.cache.state_dict(units_from)
-        state["tensors"]["session.tokens"] = torch.tensor(self.tokens, dtype=torch.int64)
+        tokens = self.tokens[tokens_from:]
+        state["tensors"]["session.tokens"] = torch.tensor(tokens, dtype=torch.int64)
         if self._next_logits is not None:
             state["tensors"]["session.next_logits"] = self._next_logits
         messages = [[m.role, m.text, m.start, m.end] for m in self._messages]
-        state["meta"]["session"] = {"pending": list(self._pending), "messages": messages}
+        state["meta"]["session"] = {
+            "pending": list(self._pending), "messages": messages, "tokens_from": tokens_from,
+        }  # fmt: skip
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -125,6 +128,8 @@ class Session:
         device = self.lm.device
         tensors = {name: t.to(device) for name, t in state["tensors"].items()}
         session = state["meta"]["session"]
+        if session.get("tokens_from", 0) != 0:
+            raise ValueError("a state without its first tokens cannot be loaded; join the saves")
         self.cache.load_state_dict({"meta": state["meta"], "tensors": tensors})
         self.tokens = tensors.pop("session.tokens").tolist()
         self._next_logits = tensors.pop("session.next_logits", None)

@@ -81,3 +81,13 @@ def test_no_state_in_the_middle_of_a_captured_step():
     layer.static_armed = True
     with pytest.raises(RuntimeError, match="captured step"):
         layer.state_dict()
+
+
+def test_a_session_state_without_its_first_tokens_is_refused(tokenizer):
+    lm = LanguageModel(build("llama"), tokenizer, SMALL)
+    session = lm.session()
+    session.append(TEXT)
+    later = session.state_dict(tokens_from=10)
+    assert later["tensors"]["session.tokens"].tolist() == session.tokens[10:]
+    with pytest.raises(ValueError, match="first tokens"):
+        lm.session().load_state_dict(later)
