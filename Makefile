@@ -43,23 +43,26 @@ test: install
 	$(BIN)/python -m pytest
 
 # $(1): the venv, $(2): what it is, $(3): a pip constraint beside torch's (may be empty).
+# torch, triton and the model chunks come from $(VENV) (.ci/share.py: they are not what these runs
+# test, and copies cost 2.5 GB a venv); a venv that passed is removed, its disk given back.
 define range_test
 	rm -rf $(1) && $(PYTHON) -m venv $(1)
+	$(BIN)/python .ci/share.py $(1)
 	printf '%s\n' "$(TORCH)" $(3) > $(1)/constraints.txt
 	$(1)/bin/python -m pip install --quiet --upgrade pip
-	$(1)/bin/python -m pip install --quiet -c $(1)/constraints.txt "$(TORCH)"
 	$(1)/bin/python -m pip install --quiet -c $(1)/constraints.txt -e kernels -e ".[$(EXTRAS)]"
 	$(1)/bin/python .ci/versions.py
 	AGENTMEM_HOME=$(1)/home $(1)/bin/python -m pytest -p no:cacheprovider $(RANGE_TESTS) || { \
-		echo "FAILED on the $(2) releases: $$($(1)/bin/python .ci/versions.py)"; exit 1; }
+		echo "FAILED on the $(2) releases (kept: $(1)): $$($(1)/bin/python .ci/versions.py)"; exit 1; }
+	rm -rf $(1)
 endef
 
 # The newest releases pyproject's ranges allow (torch stays the build TORCH names).
-test-latest:
+test-latest: install
 	$(call range_test,.venv-latest,newest,)
 
 # The oldest transformers pyproject's range allows.
-test-oldest:
+test-oldest: install
 	$(call range_test,.venv-oldest,oldest,"transformers==$(TRANSFORMERS_OLDEST)")
 
 lint: install

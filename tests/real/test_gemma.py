@@ -4,6 +4,8 @@ prompt with a window of about 1K keys finds the key at three depths."""
 from __future__ import annotations
 
 import pytest
+import torch
+from safetensors import safe_open
 
 import agentmem
 from agentmem import models
@@ -21,7 +23,10 @@ def lm():
 
 
 def test_second_load_reads_the_converted_copy(lm, monkeypatch):
-    assert (models.model_dir("gemma-3-270m") / "model.safetensors").is_file()
+    copy = models.model_dir("gemma-3-270m") / "model.safetensors"
+    with safe_open(str(copy), framework="pt") as weights:  # float16 on disk: half the size
+        assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"F16"}
+    assert next(lm.model.parameters()).dtype == torch.float32  # computed in float32 on a CPU
 
     def fail(*args):
         raise AssertionError("converted again")
