@@ -2,9 +2,11 @@
 
 Every save appends one segment: the units packed since the last save, the tokens added since, and
 the parts that change in place (sinks, local and sliding windows, the next logits), so a save costs
-what changed, not the whole memory. Resuming joins the segments' units and takes the windows of the
-last one; the next greedy tokens are the uninterrupted session's. A session records the model it
-was made with (`fingerprint`) and its memory layout; opening it with another is refused.
+what changed, not the whole memory. Resuming reads the windows of the last segment and every
+segment's tokens and representatives; unit keys and values stay memory-mapped in their files and
+are read (and verified) when a step first retrieves them, so resuming costs what it reads, not the
+session's length. The next greedy tokens are the uninterrupted session's. A session records the
+model it was made with (`fingerprint`) and its memory layout; opening it with another is refused.
 """
 
 from __future__ import annotations
@@ -12,13 +14,18 @@ from __future__ import annotations
 import hashlib
 import json
 import weakref
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from agentmem.config import MemoryConfig
+from agentmem.memory.store import LazyRows
 from agentmem.persistence import Store
 from agentmem.persistence import records as store_records
+from agentmem.persistence.mapped import MappedPayload
+from agentmem.persistence.search import META as SEARCH
+from agentmem.search import segment_index
 from agentmem.session import LanguageModel, Message, Session
 
 # Tensors a segment holds for every memory layer's units (joined across segments on resume).
@@ -60,6 +67,14 @@ def _tokenizer_sha256(tokenizer) -> str:
     return _sha256("\0".join(str(token) for token in tokens).encode())
 
 
+def _lazy_rows(payloads: list[MappedPayload], name: str) -> LazyRows:
+    """The rows of tensor `name` of every payload, joined along dim 2, read when asked for."""
+    shapes = [p.shape(name) for p in payloads]
+    pieces = [(shape[2], partial(p.rows, name)) for p, shape in zip(payloads, shapes, strict=True)]
+    shape = (*shapes[0][:2], sum(s[2] for s in shapes), *shapes[0][3:])
+    return LazyRows(pieces, shape, payloads[0].dtype(name))
+
+
 def _message(record: store_records.Message) -> Message:
     return Message(record.role, record.text, record.start, record.end, record.created)
 
@@ -77,7 +92,7 @@ class PersistentSession(Session):
         memory: MemoryConfig | None = None, progress: bool = True, autosave: bool = True,
     ) -> None:  # fmt: skip
         self.store, self.id, self.tenant, self.autosave = store, session_id, tenant, autosave
-        info = store.session_info(tenant, session_id)
+        info = store.session_info(session_id, tenant=tenant)
         if info is not None:
             saved = MemoryConfig(**info.memory)
             if memory is not None and memory != saved:
@@ -90,7 +105,7 @@ class PersistentSession(Session):
         mine = fingerprint(lm)
         if info is None:
             store.create_session(
-                tenant, session_id, fingerprint=mine, memory=self.memory.model_dump()
+                session_id, fingerprint=mine, memory=self.memory.model_dump(), tenant=tenant
             )
             self._mark_saved()
         else:
@@ -110,10 +125,12 @@ class PersistentSession(Session):
         # The units and the stream's tokens since the last save (a generated one not yet fed: meta).
         state = self.state_dict(units_from=self._saved_units, tokens_from=self._saved_fed)
         tensors = {name: t.contiguous() for name, t in state["tensors"].items()}
+        index, state["meta"][SEARCH] = segment_index(state)  # FAISS: the new units, the windows
+        tensors.update(index)
         del state["meta"]["session"]["messages"]  # the store holds them, once
         unsaved = [(m.role, m.text, m.start, m.end) for m in self._messages[self._saved_messages :]]
         self.store.write_segment(
-            self.tenant, self.id, tensors, state["meta"], tokens=len(self), messages=unsaved
+            self.id, tensors, state["meta"], tokens=len(self), messages=unsaved, tenant=self.tenant
         )
         self._mark_saved()
         return True
@@ -124,28 +141,32 @@ class PersistentSession(Session):
         self._saved_messages = len(self._messages)
 
     def _resume(self) -> None:
-        segments = self.store.segments(self.tenant, self.id)
+        """Read the windows of the newest save, every save's tokens and representatives; unit
+        keys and values stay in their files (memory-mapped) until a step retrieves them."""
+        segments = self.store.segments(self.id, tenant=self.tenant)
         if not segments:
             self._mark_saved()
             return
-        pieces: dict[str, list[torch.Tensor]] = {}
-        tokens: list[torch.Tensor] = []
-        for segment in segments:
-            tensors = self.store.read_segment(segment)
-            tokens.append(tensors.pop("session.tokens"))
-            for name, tensor in tensors.items():
-                if name.rpartition(".")[2] in UNIT_PARTS:
-                    pieces.setdefault(name, []).append(tensor)
-        last, meta = tensors, segments[-1].meta  # windows and counts: the newest save's
-        joined = {name: torch.cat(parts, dim=2) for name, parts in pieces.items()}
+        payloads = [self.store.open_segment(segment) for segment in segments]
+        newest, meta = payloads[-1], segments[-1].meta
+        tensors = {
+            name: newest.tensor(name) for name in newest.names()
+            if name.rpartition(".")[2] not in UNIT_PARTS
+        }  # fmt: skip
+        tensors["session.tokens"] = torch.cat([p.tensor("session.tokens") for p in payloads])
+        unit_names = {n for p in payloads for n in p.names() if n.rpartition(".")[2] in UNIT_PARTS}
+        for name in unit_names:
+            holding = [p for p in payloads if name in p.names()]
+            if name.endswith(".reps"):
+                tensors[name] = torch.cat([p.tensor(name) for p in holding], dim=2)
+            else:
+                tensors[name] = _lazy_rows(holding, name)
         for layer_meta in meta["layers"]:
             if layer_meta["kind"] == "memory":
                 layer_meta["units_from"] = 0
         meta["session"]["tokens_from"] = 0
-        last.update(joined)
-        last["session.tokens"] = torch.cat(tokens)
-        self.load_state_dict({"meta": meta, "tensors": last})
-        self._messages = [_message(m) for m in self.store.messages(self.tenant, self.id)]
+        self.load_state_dict({"meta": meta, "tensors": tensors})
+        self._messages = [_message(m) for m in self.store.messages(self.id, tenant=self.tenant)]
         self._mark_saved()
 
     # -- messages --------------------------------------------------------------------------------
@@ -158,8 +179,14 @@ class PersistentSession(Session):
     def fork(self, new_id: str) -> PersistentSession:
         """A copy of this session as `new_id` (saved first); the copy shares its payloads."""
         self.save()
-        self.store.fork(self.tenant, self.id, new_id)
+        self.store.fork(self.id, new_id, tenant=self.tenant)
         return PersistentSession(
             self.lm, self.store, new_id, tenant=self.tenant, progress=self.progress,
             autosave=self.autosave,
         )  # fmt: skip
+
+    def export(self, path: str | Path) -> Path:
+        """Save, then write this session to one bundle file at `path` (`Store.import_` reads it
+        into any store, for any tenant); returns its path."""
+        self.save()
+        return self.store.export_session(self.id, path, tenant=self.tenant)

@@ -2,9 +2,10 @@
 then a new process opens it from the store and answers; the baseline is the prefill itself.
 
 Reports per length: prefill (re-reading) seconds, resume seconds in a new process (store open +
-session resume, model load excluded on both sides), their ratio, whether the new process's next
-greedy answer equals the original's, and the bytes one more ~100-token turn writes against the
-whole payload.
+session resume, model load excluded on both sides), their ratio, the new process's time to its
+first answer token and to the whole answer, how many memory units its answer read from the files
+(the rest stay unread: a lazy resume), whether that answer equals the original's, and the bytes
+one more ~100-token turn writes against the whole payload.
 
     python -m benchmarks.resume --lengths 4096,32768 --n-local 1024 --topk 4
 """
@@ -32,8 +33,18 @@ def _child(args: argparse.Namespace) -> None:
     store = agentmem.Store(root=args.root)
     session = lm.session(args.child, store=store, autosave=False, progress=False)
     resume_s = time.perf_counter() - started
-    answer = session.generate(max_new_tokens=ANSWER_TOKENS)
-    print(json.dumps({"resume_s": resume_s, "answer": answer, "tokens": len(session)}))
+    pieces = session.stream(max_new_tokens=ANSWER_TOKENS)
+    answer = next(pieces)
+    first_token_s = time.perf_counter() - started
+    answer += "".join(pieces)
+    answer_s = time.perf_counter() - started
+    layers = session.cache.memory_layers
+    units = sum(layer.units.n_units for layer in layers)
+    unread = sum(layer.units.lazy_units for layer in layers)
+    print(json.dumps({
+        "resume_s": resume_s, "first_token_s": first_token_s, "answer_s": answer_s,
+        "answer": answer, "tokens": len(session), "units": units, "units_read": units - unread,
+    }))  # fmt: skip
 
 
 def _memory(args: argparse.Namespace) -> agentmem.MemoryConfig:
@@ -58,12 +69,15 @@ def _one(lm, args: argparse.Namespace, root: Path, n_tokens: int) -> dict:
     answer = session.generate(max_new_tokens=ANSWER_TOKENS)
     session.append(" And one more turn of about a hundred tokens. " * 10, role="user")
     session.save()
-    segments = store.segments("default", name)
+    segments = store.segments(name, tenant="default")
     store.close()
     return {
         "tokens": len(prompt.ids),
         "prefill_s": prefill_s,
         "resume_s": resumed["resume_s"],
+        "first_token_s": resumed["first_token_s"],
+        "answer_s": resumed["answer_s"],
+        "units_read": f"{resumed['units_read']} of {resumed['units']}",
         "speedup": prefill_s / resumed["resume_s"],
         "same_answer": resumed["answer"] == answer,
         "answer": answer,
@@ -91,7 +105,8 @@ def main() -> None:
             rows.append(_one(lm, args, Path(scratch) / str(n_tokens), n_tokens))
             row = rows[-1]
             print(f"{row['tokens']:>8} tokens: prefill {row['prefill_s']:.2f} s, resume in a new "
-                  f"process {row['resume_s']:.3f} s ({row['speedup']:.0f}x), same answer "
+                  f"process {row['resume_s']:.3f} s ({row['speedup']:.0f}x), answered in "
+                  f"{row['answer_s']:.3f} s reading {row['units_read']} units, same answer "
                   f"{row['same_answer']}; one more turn wrote {row['turn_bytes']:,} of "
                   f"{row['payload_bytes']:,} bytes")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ def test_the_readme_snippets_run(capsys):
     roles = [m.role for m in namespace["history"]]
     assert roles == ["user", "assistant"] and namespace["reply"] == namespace["history"][1].text
     assert [info.id for info in namespace["listed"]] == ["support-42", "support-42-b"]
-    assert [info.id for info in namespace["store"].sessions("acme")] == ["support-42"]
+    assert [info.id for info in namespace["store"].sessions(tenant="acme")] == ["support-42"]
 
 
 @pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.py")))

@@ -14,7 +14,7 @@ from agentmem.config import MemoryConfig
 from agentmem.memory.pending import PendingKV, shift_in
 from agentmem.memory.policy import Rope, Window, attend
 from agentmem.memory.representatives import representatives, score_kind
-from agentmem.memory.store import GrowingTensor, UnitStore
+from agentmem.memory.store import GrowingTensor, LazyRows, UnitStore
 from agentmem_kernels import gather_units, memory_attention, rope, score_units
 
 
@@ -66,6 +66,7 @@ class MemoryLayer:
         units = self.units
         if not 0 <= units_from <= units.n_units:
             raise ValueError(f"units_from={units_from} outside [0, {units.n_units}]")
+        units.materialize(units_from)
         rows = slice(units_from * self.config.unit_size, units.n_units * self.config.unit_size)
         parts = {
             "sink_k": self.sink_k,
@@ -91,6 +92,7 @@ class MemoryLayer:
 
     def load_state_dict(self, state: dict) -> None:
         """Hold exactly what `state_dict()` (with every unit) gave; tensors are taken, not copied.
+        Unit keys and values may be `LazyRows`, read when a step first retrieves their units.
 
         The memory layout must be this layer's: a state from another layout is refused."""
         meta, tensors = state["meta"], state["tensors"]
@@ -113,9 +115,13 @@ class MemoryLayer:
         self.sink_k, self.sink_v = tensors.get("sink_k"), tensors.get("sink_v")
         self.units = UnitStore(self.config.unit_size)
         self.units.start = meta["units_start"]
-        self.units.keys = GrowingTensor.holding(tensors.get("unit_k"))
-        self.units.values = GrowingTensor.holding(tensors.get("unit_v"))
-        self.units.reps = GrowingTensor.holding(reps)
+        unit_k, unit_v = tensors.get("unit_k"), tensors.get("unit_v")
+        if isinstance(unit_k, LazyRows):  # a lazy resume: read as steps retrieve them
+            self.units.hold_lazy(unit_k, unit_v, reps, reps.device)
+        else:
+            self.units.keys = GrowingTensor.holding(unit_k)
+            self.units.values = GrowingTensor.holding(unit_v)
+            self.units.reps = GrowingTensor.holding(reps)
         local_k = tensors.get("local_k")
         self.local = tuple(
             GrowingTensor.holding(tensors.get(name))
@@ -249,6 +255,7 @@ class MemoryLayer:
         self.last_ids = None
         if self.config.retrieves and self.units.n_units:
             self.last_ids = self._retrieve(q, scale)
+            self.units.fault_in(self.last_ids)  # a lazily resumed memory reads them now
         if self.reads_in_place:
             return self._attend_in_place(q, scale, self.last_ids, self.n_local)
         window = self._window(q, self.last_ids)
@@ -366,6 +373,7 @@ class MemoryLayer:
         cfg = self.config
         if (problem := self.static_problem(tokens)) is not None:
             raise ValueError(problem)
+        self.units.materialize()  # a captured step retrieves on the device: every unit read
         for part in (*self.local, self.local_rotated):
             part.reserve(cfg.n_local)
         for part in (self.units.keys, self.units.values):

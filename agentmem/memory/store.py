@@ -7,6 +7,8 @@ cost does not grow with what came before.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -71,6 +73,35 @@ class GrowingTensor:
         return 0 if self._data is None else self._data.numel() * self._data.element_size()
 
 
+class LazyRows:
+    """A `[B, H, N, ...]` tensor whose rows (dim 2) live elsewhere until read: consecutive
+    pieces, each `(rows, read)` with `read(start, end)` giving that piece's rows [start, end).
+    A state may hold one in place of unit keys or values (a lazy resume): the memory reads a
+    unit's rows when a step first retrieves it."""
+
+    def __init__(
+        self, pieces: list[tuple[int, Callable[[int, int], torch.Tensor]]],
+        shape: tuple[int, ...], dtype: torch.dtype,
+    ) -> None:  # fmt: skip
+        if sum(rows for rows, _ in pieces) != shape[2]:
+            raise ValueError(f"pieces of {sum(r for r, _ in pieces)} rows for a shape {shape}")
+        self.pieces, self.shape, self.dtype = pieces, tuple(shape), dtype
+
+    def read(self, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end), from as many pieces as they span."""
+        parts, first = [], 0
+        for rows, read in self.pieces:
+            lo, hi = max(start, first), min(end, first + rows)
+            if lo < hi:
+                parts.append(read(lo - first, hi - first))
+            first += rows
+        return torch.cat(parts, dim=2)
+
+    def to(self, *args, **kwargs) -> LazyRows:
+        """Itself: the rows move to the memory's device as they are read."""
+        return self
+
+
 class UnitStore:
     """Keys, values and representatives of every packed unit of one layer.
 
@@ -84,9 +115,63 @@ class UnitStore:
         self.values = GrowingTensor()
         self.reps = GrowingTensor()
 
+        self._lazy: tuple[LazyRows, LazyRows] | None = None  # keys, values not read yet
+        self._resident: torch.Tensor | None = None  # [lazy units] bool: read already
+
     @property
     def n_units(self) -> int:
         return self.reps.length
+
+    def hold_lazy(
+        self, keys: LazyRows, values: LazyRows, reps: torch.Tensor, device: torch.device
+    ) -> None:
+        """Hold units whose keys and values are read when first asked for (`fault_in`): the
+        pool is allocated now (on a CPU its untouched pages cost nothing), filled later."""
+        n_units = reps.shape[2]
+        if keys.shape[2] != n_units * self.unit_size or values.shape != keys.shape:
+            raise ValueError(f"lazy rows of shape {keys.shape} for {n_units} units")
+        self.keys = GrowingTensor.holding(torch.empty(keys.shape, dtype=keys.dtype, device=device))
+        self.values = GrowingTensor.holding(
+            torch.empty(values.shape, dtype=values.dtype, device=device)
+        )
+        self.reps = GrowingTensor.holding(reps)
+        self._lazy = (keys, values)
+        self._resident = torch.zeros(n_units, dtype=torch.bool)
+
+    @property
+    def lazy_units(self) -> int:
+        """Units whose keys and values have not been read yet."""
+        return 0 if self._lazy is None else int((~self._resident).sum())
+
+    def fault_in(self, ids: torch.Tensor) -> None:
+        """Read the keys and values of the units `ids` (any shape) that are not read yet. While
+        units are unread this reads the ids back to the host (a sync on an accelerator)."""
+        if self._lazy is None:
+            return
+        wanted = torch.unique(ids.reshape(-1).cpu())
+        wanted = wanted[wanted < len(self._resident)]
+        self._read_units(wanted[~self._resident[wanted]].tolist())
+
+    def materialize(self, first: int = 0) -> None:
+        """Read every unit from `first` on that is not read yet (before a full state or a
+        captured step, which need the whole pool)."""
+        if self._lazy is None:
+            return
+        self._read_units((~self._resident[first:]).nonzero().flatten().add(first).tolist())
+
+    def _read_units(self, units: list[int]) -> None:
+        keys, values = self._lazy
+        unit = self.unit_size
+        for first, last in _runs(units, longest=1024):  # bounded reads
+            rows = slice(first * unit, (last + 1) * unit)
+            # The pool may have grown inside a step (an inference tensor): write it as one.
+            with torch.inference_mode():
+                for lazy, pool in ((keys, self.keys), (values, self.values)):
+                    read = lazy.read(rows.start, rows.stop)
+                    pool.buffer[:, :, rows] = read.to(pool.buffer.device)
+            self._resident[first : last + 1] = True
+        if bool(self._resident.all()):
+            self._lazy = self._resident = None
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, reps: torch.Tensor) -> None:
         """Append whole units: keys/values [B, H, n * unit_size, D], reps [B, H, n, R, D]."""
@@ -106,3 +191,15 @@ class UnitStore:
 
     def nbytes(self) -> int:
         return self.keys.nbytes() + self.values.nbytes() + self.reps.nbytes()
+
+
+def _runs(values: list[int], longest: int) -> list[tuple[int, int]]:
+    """Sorted distinct ints as runs [(first, last)] of consecutive values, each at most
+    `longest` long."""
+    runs: list[tuple[int, int]] = []
+    for v in values:
+        if runs and v == runs[-1][1] + 1 and v - runs[-1][0] < longest:
+            runs[-1] = (runs[-1][0], v)
+        else:
+            runs.append((v, v))
+    return runs

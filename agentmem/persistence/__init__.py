@@ -2,6 +2,7 @@
 append-only tensor segments per tenant, on SQLite or PostgreSQL. Never imports models."""
 
 from agentmem.persistence.errors import (
+    CorruptBundle,
     CorruptPayload,
     InvalidId,
     SegmentNotFound,
@@ -13,6 +14,7 @@ from agentmem.persistence.records import Message, Segment, SessionInfo
 from agentmem.persistence.store import Store
 
 __all__ = [
+    "CorruptBundle",
     "CorruptPayload",
     "InvalidId",
     "Message",

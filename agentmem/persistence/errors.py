@@ -25,3 +25,9 @@ class InvalidId(StoreError, ValueError):
 
 class CorruptPayload(StoreError):
     """A payload file is missing, truncated, altered or unreadable; the message names the file."""
+
+
+class CorruptBundle(StoreError):
+    """A session bundle that can't be imported: not a tar file, a member that isn't a plain file
+    of the bundle, or a manifest of another format version or that fails validation; the message
+    names the bundle and the member."""

@@ -1,5 +1,7 @@
 """Payload files: safetensors under `<root>/payloads/`, written atomically (temp file, fsync,
-rename, directory fsync), verified by sha256 before they are read; never pickle."""
+rename, directory fsync), verified by sha256 before they are read; never pickle. Each also carries
+checksums of its parts in its header (`integrity`), so `mapped.MappedPayload` can read and verify
+a part without the rest."""
 
 from __future__ import annotations
 
@@ -9,10 +11,13 @@ import re
 import time
 import uuid
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from agentmem.persistence import integrity
 from agentmem.persistence.errors import CorruptPayload, StoreError
 
 DIR = "payloads"
@@ -64,7 +69,7 @@ def write(root: Path, tensors: dict[str, torch.Tensor]) -> tuple[str, int, str]:
     final = folder / f"{stem}{SUFFIX}"
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     try:
-        save_file(cpu, str(temp))
+        save_file(cpu, str(temp), metadata={integrity.KEY: integrity.record(cpu)})
         fd = os.open(temp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -77,6 +82,52 @@ def write(root: Path, tensors: dict[str, torch.Tensor]) -> tuple[str, int, str]:
         raise
     fsync_dir(folder)
     return f"{DIR}/{final.name}", size, digest
+
+
+def copy_in(root: Path, source: BinaryIO, size: int, sha256: str, what: str) -> str:
+    """Copy a payload from `source` (a bundle's member, named `what`) durably into the store, as
+    `write` does, once its size, sha256 and safetensors header check out; returns its name."""
+    folder = root / DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = uuid.uuid4().hex
+    temp = folder / f"{stem}{TEMP_SUFFIX}"
+    final = folder / f"{stem}{SUFFIX}"
+    digest, copied = hashlib.sha256(), 0
+    try:
+        with open(temp, "xb") as f:
+            while chunk := source.read(1 << 20):
+                digest.update(chunk)
+                copied += len(chunk)
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        if copied != size:
+            raise CorruptPayload(f"{what} is {copied} bytes, the manifest says {size}")
+        if digest.hexdigest() != sha256:
+            raise CorruptPayload(f"{what} does not match the sha256 in the manifest")
+        try:  # the hash only says the manifest agrees; the header must parse too
+            with safe_open(str(temp), framework="pt") as opened:
+                opened.keys()
+        except Exception as e:
+            raise CorruptPayload(f"{what} is not a readable safetensors file: {e}") from e
+        os.replace(temp, final)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    fsync_dir(folder)
+    return f"{DIR}/{final.name}"
+
+
+def discard(root: Path, names: list[str]) -> None:
+    """Remove payloads whose rows never committed; one that can't be removed now is an orphan,
+    which a later open collects."""
+    for name in names:
+        try:
+            resolve(root, name).unlink(missing_ok=True)
+        except OSError:
+            pass
+    if names:
+        fsync_dir(root / DIR)
 
 
 def read(path: Path, size: int, sha256: str) -> dict[str, torch.Tensor]:

@@ -17,7 +17,8 @@ from sqlalchemy.orm import Session as SqlSession
 from sqlalchemy.orm import sessionmaker
 
 from agentmem.paths import home
-from agentmem.persistence import database, payloads
+from agentmem.persistence import bundle, database, payloads
+from agentmem.persistence import search as search_
 from agentmem.persistence.errors import (
     SegmentNotFound,
     SessionExists,
@@ -25,6 +26,7 @@ from agentmem.persistence.errors import (
     StoreError,
 )
 from agentmem.persistence.ids import check_id
+from agentmem.persistence.mapped import MappedPayload
 from agentmem.persistence.records import Message, Segment, SessionInfo
 from agentmem.persistence.schema import (
     MessageRow,
@@ -37,6 +39,7 @@ from agentmem.persistence.schema import (
 )
 
 MAX_ROLE = 64
+DEFAULT_TENANT = "default"  # for one-tenant use; every call names a session by id and tenant
 
 
 def _json(value: Any, what: str) -> dict:
@@ -110,6 +113,9 @@ class Store:
     `postgresql+psycopg://...`, the `postgres` extra). `root`: where payload files live (default
     `agentmem.paths.home() / "store"`); one root per database. Opening migrates the schema to the
     newest revision and removes payload files left by a crash.
+
+    A session is named by its id and its tenant (`tenant=`, keyword only; "default" if left
+    out): no call reaches another tenant's sessions.
     """
 
     def __init__(self, url: str | None = None, root: str | os.PathLike | None = None):
@@ -146,7 +152,7 @@ class Store:
     # -- sessions ---------------------------------------------------------------------------------
 
     def create_session(
-        self, tenant: str, session_id: str, *, fingerprint: dict, memory: dict
+        self, session_id: str, *, fingerprint: dict, memory: dict, tenant: str = DEFAULT_TENANT
     ) -> SessionInfo:
         _check(tenant, session_id)
         fingerprint, memory = _json(fingerprint, "fingerprint"), _json(memory, "memory")
@@ -166,13 +172,13 @@ class Store:
         except IntegrityError as e:  # another writer created it between our check and insert
             raise self._exists(tenant, session_id) from e
 
-    def session_info(self, tenant: str, session_id: str) -> SessionInfo | None:
+    def session_info(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> SessionInfo | None:
         _check(tenant, session_id)
         with self._read() as s:
             row = self._find(s, tenant, session_id)
             return None if row is None else _info(row)
 
-    def sessions(self, tenant: str) -> list[SessionInfo]:
+    def sessions(self, *, tenant: str = DEFAULT_TENANT) -> list[SessionInfo]:
         """This tenant's sessions, oldest first."""
         check_id(tenant, "tenant")
         with self._read() as s:
@@ -183,7 +189,7 @@ class Store:
             )
             return [_info(row) for row in rows]
 
-    def fork(self, tenant: str, session_id: str, new_id: str) -> SessionInfo:
+    def fork(self, session_id: str, new_id: str, *, tenant: str = DEFAULT_TENANT) -> SessionInfo:
         """A new session `new_id` with the messages and segments of `session_id` (the segments'
         files are shared, not copied); later writes to either don't reach the other."""
         _check(tenant, session_id)
@@ -223,7 +229,7 @@ class Store:
         except IntegrityError as e:
             raise self._exists(tenant, new_id) from e
 
-    def delete(self, tenant: str, session_id: str) -> None:
+    def delete(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> None:
         """Remove the session, its messages and its segment links; payload files that no other
         session references are deleted once the removal has committed."""
         _check(tenant, session_id)
@@ -255,11 +261,85 @@ class Store:
         if freed:
             payloads.fsync_dir(self.root / payloads.DIR)
 
+    # -- bundles ----------------------------------------------------------------------------------
+
+    def export_session(
+        self, session_id: str, path: str | os.PathLike, *, tenant: str = DEFAULT_TENANT
+    ) -> Path:
+        """Write the session (record, messages, segments and their payloads) to one tar file at
+        `path` that `import_` reads into any store; returns its absolute path. The rows are read
+        under the session's write lock: a save in flight is in the bundle whole or not at all."""
+        _check(tenant, session_id)
+        with self._write.begin() as s:
+            row = self._find(s, tenant, session_id, lock=True)
+            if row is None:
+                raise _not_found(tenant, session_id)
+            m, ss = MessageRow, SessionSegment
+            rows = s.scalars(select(m).where(m.session_pk == row.pk).order_by(m.seq))
+            messages = [Message(r.role, r.text, r.start, r.end, r.created) for r in rows]
+            rows = s.execute(
+                select(ss.seq, SegmentRow).join(SegmentRow, SegmentRow.id == ss.segment_id)
+                .where(ss.session_pk == row.pk).order_by(ss.seq)
+            )  # fmt: skip
+            segments = [Segment(r.id, seq, r.file, r.bytes, r.sha256, r.meta) for seq, r in rows]
+            info = _info(row)
+        # Payload files never change once written, so they are copied after the lock is let go.
+        files = [(segment, self.segment_path(segment)) for segment in segments]
+        return bundle.write(path, info, messages, files)
+
+    def import_(
+        self, path: str | os.PathLike, *, tenant: str = DEFAULT_TENANT,
+        session_id: str | None = None,
+    ) -> SessionInfo:  # fmt: skip
+        """The session in the bundle at `path` (written by `export_session`, in any store) as
+        `session_id` (default: the bundle's) of `tenant`, whichever tenant exported it. The bundle
+        is checked first (CorruptBundle, or CorruptPayload naming the member); its payloads are
+        copied in durably, then the session, its messages and segments commit in one
+        transaction. On any failure neither files nor rows are left."""
+        check_id(tenant, "tenant")
+        with bundle.Reader(path) as b:
+            m = b.manifest
+            session_id = m.session.id if session_id is None else check_id(session_id, "session id")
+            messages = [_message(x.role, x.text, x.start, x.end, x.created) for x in m.messages]
+            if self.session_info(session_id, tenant=tenant) is not None:
+                raise self._exists(tenant, session_id)  # before copying anything
+            names = b.copy_payloads(self.root)
+        when = now()
+        try:
+            with self._write.begin() as s:
+                _ensure_tenant(s, tenant)
+                row = SessionRow(
+                    tenant=tenant, session_id=session_id, fingerprint=m.session.fingerprint,
+                    memory=m.session.memory, tokens=m.session.tokens, parent=m.session.parent,
+                    created=m.session.created, updated=when,
+                )  # fmt: skip
+                s.add(row)
+                s.flush()
+                self._add_messages(s, row.pk, messages)
+                segments = [
+                    SegmentRow(file=name, bytes=x.bytes, sha256=x.sha256, meta=x.meta, created=when)
+                    for name, x in zip(names, m.segments, strict=True)
+                ]
+                s.add_all(segments)
+                s.flush()
+                s.add_all(
+                    SessionSegment(session_pk=row.pk, seq=seq, segment_id=segment.id)
+                    for seq, segment in enumerate(segments)
+                )
+                info = _info(row)
+        except BaseException as e:
+            payloads.discard(self.root, names)
+            if isinstance(e, IntegrityError):  # another writer made it since the check above
+                raise self._exists(tenant, session_id) from e
+            raise
+        return info
+
     # -- messages ---------------------------------------------------------------------------------
 
     def add_message(
-        self, tenant: str, session_id: str, role: str, text: str, start: int, end: int
-    ) -> Message:
+        self, session_id: str, role: str, text: str, start: int, end: int, *,
+        tenant: str = DEFAULT_TENANT,
+    ) -> Message:  # fmt: skip
         """Append a message (stored literally) covering tokens [start, end) of the memory."""
         _check(tenant, session_id)
         message = _message(role, text, start, end, now())
@@ -278,7 +358,7 @@ class Store:
                 )
             )  # fmt: skip
 
-    def messages(self, tenant: str, session_id: str) -> list[Message]:
+    def messages(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> list[Message]:
         """The session's messages in the order they were added."""
         _check(tenant, session_id)
         with self._read() as s:
@@ -292,12 +372,13 @@ class Store:
 
     def write_segment(
         self,
-        tenant: str,
         session_id: str,
         tensors: dict[str, torch.Tensor],
         meta: dict,
         tokens: int,
         messages: list[tuple[str, str, int, int]] = (),
+        *,
+        tenant: str = DEFAULT_TENANT,
     ) -> Segment:
         """Append one segment: the payload file is made durable first, then its row, the
         session's link to it, the session's token count and `messages` (role, text, start, end:
@@ -325,7 +406,7 @@ class Store:
             raise
         return segment
 
-    def segments(self, tenant: str, session_id: str) -> list[Segment]:
+    def segments(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> list[Segment]:
         """The session's segments in order, those inherited through a fork included."""
         _check(tenant, session_id)
         with self._read() as s:
@@ -341,20 +422,38 @@ class Store:
     def read_segment(self, segment: Segment) -> dict[str, torch.Tensor]:
         """The segment's tensors, after checking the file against its recorded size and sha256
         (CorruptPayload naming the file if it doesn't match or can't be read)."""
-        if not isinstance(segment, Segment):
-            raise TypeError(f"read_segment takes a Segment, got {type(segment).__name__}")
-        with self._read() as s:
-            row = s.get(SegmentRow, segment.id)
-        if row is None or row.file != segment.file:
-            raise SegmentNotFound(
-                f"segment {segment.id} ({segment.file!r}) is not in this store; "
-                "read the segments Store.segments returns"
-            )
+        row = self._segment_row(segment)
         return payloads.read(payloads.resolve(self.root, row.file), row.bytes, row.sha256)
+
+    def open_segment(self, segment: Segment) -> MappedPayload:
+        """The segment's payload opened for reading in parts (memory-mapped): each part is
+        verified against its checksum when first read, so opening costs what is read."""
+        row = self._segment_row(segment)
+        return MappedPayload(payloads.resolve(self.root, row.file), row.bytes, row.sha256)
 
     def segment_path(self, segment: Segment) -> Path:
         """Where the segment's payload file lives."""
         return payloads.resolve(self.root, segment.file)
+
+    # -- search -----------------------------------------------------------------------------------
+
+    def search(
+        self, query: str, *, tenant: str = DEFAULT_TENANT, k: int = 5,
+        model: search_.QueryModel | None = None, method: str = "bm25",
+    ) -> list[search_.Hit]:  # fmt: skip
+        """The `k` messages of this tenant's sessions (no other tenant's) that best answer
+        `query`, best first: `Hit(session_id, message=(role, text), start, end, text, score)`.
+
+        `method`: "bm25" (the default), BM25 over the message texts, no model needed; "kv", the
+        model reads `query` and its queries at the global layers search the FAISS index each
+        save wrote (sessions made with `model`'s weights only); "hybrid", their reciprocal-rank
+        fusion. BM25 is the default because it won the measurement (benchmarks/RESULTS.md,
+        Cross-session search): KV search is near chance on a 270M-0.5B model, and fusing it in
+        costs BM25 hits. `model`: `agentmem.search.QueryEncoder(lm)` (any object with its
+        `fingerprint`, `vector` and `decode`); the store imports no model code.
+        """
+        check_id(tenant, "tenant")
+        return search_.search(self, query, tenant=tenant, k=k, model=model, method=method)
 
     # -- maintenance ------------------------------------------------------------------------------
 
@@ -374,6 +473,18 @@ class Store:
         return removed
 
     # -- helpers ----------------------------------------------------------------------------------
+
+    def _segment_row(self, segment: Segment) -> SegmentRow:
+        if not isinstance(segment, Segment):
+            raise TypeError(f"expected a Segment, got {type(segment).__name__}")
+        with self._read() as s:
+            row = s.get(SegmentRow, segment.id)
+        if row is None or row.file != segment.file:
+            raise SegmentNotFound(
+                f"segment {segment.id} ({segment.file!r}) is not in this store; "
+                "read the segments Store.segments returns"
+            )
+        return row
 
     @staticmethod
     def _find(s: SqlSession, tenant: str, session_id: str, lock: bool = False) -> SessionRow | None:

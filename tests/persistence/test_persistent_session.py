@@ -50,7 +50,7 @@ def test_a_save_writes_what_changed_not_the_whole_memory(lm, store):
     session = lm.session("s", store=store)
     session.append(FACT + FILLER * 4)
     session.append("One more short turn.")
-    first, second = store.segments("default", "s")
+    first, second = store.segments("s", tenant="default")
     whole = sum(t.numel() * t.element_size() for t in session.state_dict()["tensors"].values())
     new_units = [m["n_units"] - m["units_from"] for m in second.meta["layers"]
                  if m["kind"] == "memory"]  # fmt: skip
@@ -65,15 +65,15 @@ def test_a_fork_shares_the_parents_payloads_and_goes_its_own_way(lm, store):
     parent = lm.session("p", store=store)
     _conversation(parent)
     child = parent.fork("c")
-    shared = {s.file for s in store.segments("default", "p")}
-    assert shared <= {s.file for s in store.segments("default", "c")}
-    assert store.session_info("default", "c").parent == "p"
+    shared = {s.file for s in store.segments("p", tenant="default")}
+    assert shared <= {s.file for s in store.segments("c", tenant="default")}
+    assert store.session_info("c", tenant="default").parent == "p"
     assert child.generate(max_new_tokens=6) == parent.generate(max_new_tokens=6)
     child.append("Only the child hears this.")
-    assert {s.file for s in store.segments("default", "p")} >= shared
+    assert {s.file for s in store.segments("p", tenant="default")} >= shared
     assert "Only the child" not in " ".join(m.text for m in parent.messages())
-    store.delete("default", "p")
-    assert all(store.segment_path(s).is_file() for s in store.segments("default", "c"))
+    store.delete("p", tenant="default")
+    assert all(store.segment_path(s).is_file() for s in store.segments("c", tenant="default"))
 
 
 def test_recalled_units_name_the_messages_they_came_from(lm, store):

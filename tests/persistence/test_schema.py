@@ -59,7 +59,7 @@ def test_one_root_per_database(store, open_store, tmp_path):
     with pytest.raises(StoreError, match="another database"):
         open_store(url=f"sqlite:///{other_root / 'db.sqlite'}", root=store.root)
     reopened = open_store()  # the right database still opens its root
-    assert reopened.sessions("acme") == []
+    assert reopened.sessions(tenant="acme") == []
 
 
 def test_migrations_ship_in_the_package():

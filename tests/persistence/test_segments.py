@@ -34,7 +34,7 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 @pytest.fixture
 def session(store):
-    store.create_session("acme", "s", fingerprint={"model": "m"}, memory={})
+    store.create_session("s", fingerprint={"model": "m"}, memory={}, tenant="acme")
     return "s"
 
 
@@ -42,9 +42,11 @@ def test_write_read_round_trip_in_seq_order(store, session, open_store):
     written = []
     for i in range(3):
         meta = {"layer": i, "span": [i * 128, (i + 1) * 128], "note": "ünïcode ✓", "f": 0.5}
-        written.append(store.write_segment("acme", "s", payload(i), meta, tokens=(i + 1) * 128))
+        written.append(
+            store.write_segment("s", payload(i), meta, tokens=(i + 1) * 128, tenant="acme")
+        )
     assert [s.seq for s in written] == [0, 1, 2]
-    listed = store.segments("acme", "s")
+    listed = store.segments("s", tenant="acme")
     assert listed == written
     for i, segment in enumerate(listed):
         assert same(store.read_segment(segment), payload(i))
@@ -56,14 +58,14 @@ def test_write_read_round_trip_in_seq_order(store, session, open_store):
         assert (
             path.parent.parent == store.root and "acme" not in segment.file and "s" not in path.stem
         )
-    assert store.session_info("acme", "s").tokens == 384
+    assert store.session_info("s", tenant="acme").tokens == 384
     again = open_store()
-    assert again.segments("acme", "s") == written
+    assert again.segments("s", tenant="acme") == written
     assert same(again.read_segment(written[2]), payload(2))
 
 
 def test_payload_is_safetensors_not_pickle(store, session):
-    segment = store.write_segment("acme", "s", payload(0), {}, tokens=1)
+    segment = store.write_segment("s", payload(0), {}, tokens=1, tenant="acme")
     head = store.segment_path(segment).read_bytes()[:64]
     assert not head.startswith(b"\x80")  # pickle protocol marker
     header_len = int.from_bytes(head[:8], "little")
@@ -71,42 +73,42 @@ def test_payload_is_safetensors_not_pickle(store, session):
 
 
 def test_fork_shares_parent_segments_and_diverges(store, session):
-    first = store.write_segment("acme", "s", payload(0), {"n": 0}, tokens=10)
-    store.fork("acme", "s", "child")
-    assert store.segments("acme", "child") == [first]
-    assert store.session_info("acme", "child").tokens == 10
+    first = store.write_segment("s", payload(0), {"n": 0}, tokens=10, tenant="acme")
+    store.fork("s", "child", tenant="acme")
+    assert store.segments("child", tenant="acme") == [first]
+    assert store.session_info("child", tenant="acme").tokens == 10
     before = files(store)
-    mine = store.write_segment("acme", "child", payload(1), {"n": 1}, tokens=20)
-    theirs = store.write_segment("acme", "s", payload(2), {"n": 2}, tokens=30)
+    mine = store.write_segment("child", payload(1), {"n": 1}, tokens=20, tenant="acme")
+    theirs = store.write_segment("s", payload(2), {"n": 2}, tokens=30, tenant="acme")
     assert len(files(store)) == len(before) + 2  # the fork copied no file
-    assert store.segments("acme", "child") == [first, mine]
-    assert store.segments("acme", "s") == [first, theirs]
+    assert store.segments("child", tenant="acme") == [first, mine]
+    assert store.segments("s", tenant="acme") == [first, theirs]
     assert mine.seq == theirs.seq == 1 and mine.id != theirs.id
-    assert same(store.read_segment(store.segments("acme", "child")[1]), payload(1))
+    assert same(store.read_segment(store.segments("child", tenant="acme")[1]), payload(1))
 
 
 def test_delete_frees_only_unreferenced_files(store, session):
-    shared = store.write_segment("acme", "s", payload(0), {}, tokens=1)
-    store.fork("acme", "s", "child")
-    parent_only = store.write_segment("acme", "s", payload(1), {}, tokens=2)
-    child_only = store.write_segment("acme", "child", payload(2), {}, tokens=2)
+    shared = store.write_segment("s", payload(0), {}, tokens=1, tenant="acme")
+    store.fork("s", "child", tenant="acme")
+    parent_only = store.write_segment("s", payload(1), {}, tokens=2, tenant="acme")
+    child_only = store.write_segment("child", payload(2), {}, tokens=2, tenant="acme")
     paths = {s.file: store.segment_path(s) for s in (shared, parent_only, child_only)}
-    store.delete("acme", "s")
+    store.delete("s", tenant="acme")
     assert not paths[parent_only.file].exists()
     assert paths[shared.file].exists() and paths[child_only.file].exists()
-    assert same(store.read_segment(store.segments("acme", "child")[0]), payload(0))
+    assert same(store.read_segment(store.segments("child", tenant="acme")[0]), payload(0))
     with pytest.raises(SegmentNotFound):
         store.read_segment(parent_only)
-    store.delete("acme", "child")
+    store.delete("child", tenant="acme")
     assert not paths[shared.file].exists() and not paths[child_only.file].exists()
     assert files(store) == set()
 
 
 @pytest.mark.parametrize("damage", ["bitflip", "truncate", "missing"])
 def test_corrupt_payload_is_named_and_others_still_read(store, session, damage):
-    bad = store.write_segment("acme", "s", payload(0), {}, tokens=1)
-    store.create_session("acme", "other", fingerprint={}, memory={})
-    good = store.write_segment("acme", "other", payload(1), {}, tokens=1)
+    bad = store.write_segment("s", payload(0), {}, tokens=1, tenant="acme")
+    store.create_session("other", fingerprint={}, memory={}, tenant="acme")
+    good = store.write_segment("other", payload(1), {}, tokens=1, tenant="acme")
     path = store.segment_path(bad)
     data = bytearray(path.read_bytes())
     if damage == "bitflip":
@@ -123,7 +125,7 @@ def test_corrupt_payload_is_named_and_others_still_read(store, session, damage):
 
 
 def test_unreadable_payload_with_matching_hash_is_corrupt(store, session):
-    segment = store.write_segment("acme", "s", payload(0), {}, tokens=1)
+    segment = store.write_segment("s", payload(0), {}, tokens=1, tenant="acme")
     path = store.segment_path(segment)
     path.write_bytes(b"not a safetensors file")  # and make its record agree
     from sqlalchemy import update
@@ -142,7 +144,7 @@ def test_unreadable_payload_with_matching_hash_is_corrupt(store, session):
 
 
 def test_forged_segment_is_refused(store, session):
-    real = store.write_segment("acme", "s", payload(0), {}, tokens=1)
+    real = store.write_segment("s", payload(0), {}, tokens=1, tenant="acme")
     forged = Segment(real.id, 0, "../../etc/passwd", 1, "0" * 64, {})
     with pytest.raises(SegmentNotFound):
         store.read_segment(forged)
@@ -153,7 +155,7 @@ def test_forged_segment_is_refused(store, session):
 
 
 def test_orphans_are_removed_on_open(store, session, open_store):
-    kept = store.write_segment("acme", "s", payload(0), {}, tokens=1)
+    kept = store.write_segment("s", payload(0), {}, tokens=1, tenant="acme")
     folder = store.root / "payloads"
     old = time.time() - 2 * 3600
     crashed_temp = folder / ("a" * 32 + ".tmp")
@@ -175,12 +177,12 @@ def test_orphans_are_removed_on_open(store, session, open_store):
 
 def test_write_segment_checks_input_before_writing(store, session):
     with pytest.raises(SessionNotFound):
-        store.write_segment("acme", "missing", payload(0), {}, tokens=1)
+        store.write_segment("missing", payload(0), {}, tokens=1, tenant="acme")
     with pytest.raises(ValueError, match="JSON"):
-        store.write_segment("acme", "s", payload(0), {"x": float("nan")}, tokens=1)
+        store.write_segment("s", payload(0), {"x": float("nan")}, tokens=1, tenant="acme")
     with pytest.raises(ValueError, match="tokens"):
-        store.write_segment("acme", "s", payload(0), {}, tokens=-1)
+        store.write_segment("s", payload(0), {}, tokens=-1, tenant="acme")
     with pytest.raises(TypeError, match="tensors"):
-        store.write_segment("acme", "s", {"k": [1, 2]}, {}, tokens=1)
-    assert files(store) == set() and store.segments("acme", "s") == []
-    assert store.session_info("acme", "s").tokens == 0
+        store.write_segment("s", {"k": [1, 2]}, {}, tokens=1, tenant="acme")
+    assert files(store) == set() and store.segments("s", tenant="acme") == []
+    assert store.session_info("s", tenant="acme").tokens == 0
