@@ -13,7 +13,7 @@ from safetensors import safe_open
 from agentmem.persistence import integrity, payloads
 from agentmem.persistence.errors import CorruptPayload
 
-FIX = "delete the session or restore the file from a backup"
+FIX = payloads.FIX
 
 
 class MappedPayload:
@@ -24,12 +24,7 @@ class MappedPayload:
 
     def __init__(self, path: Path, size: int, sha256: str) -> None:
         self.path = path
-        try:
-            actual = path.stat().st_size
-        except OSError as e:
-            raise CorruptPayload(f"payload {path} cannot be read ({e}); {FIX}") from e
-        if actual != size:
-            raise CorruptPayload(f"payload {path} is {actual} bytes, its record says {size}; {FIX}")
+        payloads.check_size(path, size)
         try:
             self._file = safe_open(str(path), framework="pt")
             found = (self._file.metadata() or {}).get(integrity.KEY)

@@ -27,6 +27,7 @@ STORE_ID_FILE = ".store-id"
 # A payload is renamed into place a moment before its row commits: a file younger than this may
 # belong to another process's write in flight, so orphan collection leaves it for a later open.
 ORPHAN_GRACE_S = 3600.0
+FIX = "delete the session or restore the file from a backup"  # what a damage error advises
 _NAME = re.compile(rf"{DIR}/[0-9a-f]{{32}}{re.escape(SUFFIX)}")
 
 
@@ -130,17 +131,21 @@ def discard(root: Path, names: list[str]) -> None:
         fsync_dir(root / DIR)
 
 
-def read(path: Path, size: int, sha256: str) -> dict[str, torch.Tensor]:
-    """The tensors of a payload whose size and sha256 match its record, else CorruptPayload."""
-    what = "delete the session or restore the file from a backup"
+def check_size(path: Path, size: int) -> None:
+    """CorruptPayload unless the payload exists with the size its record gives."""
     try:
         actual = path.stat().st_size
     except OSError as e:
-        raise CorruptPayload(f"payload {path} cannot be read ({e}); {what}") from e
+        raise CorruptPayload(f"payload {path} cannot be read ({e}); {FIX}") from e
     if actual != size:
-        raise CorruptPayload(f"payload {path} is {actual} bytes, its record says {size}; {what}")
+        raise CorruptPayload(f"payload {path} is {actual} bytes, its record says {size}; {FIX}")
+
+
+def read(path: Path, size: int, sha256: str) -> dict[str, torch.Tensor]:
+    """The tensors of a payload whose size and sha256 match its record, else CorruptPayload."""
+    check_size(path, size)
     if sha256_of(path) != sha256:
-        raise CorruptPayload(f"payload {path} does not match its recorded sha256; {what}")
+        raise CorruptPayload(f"payload {path} does not match its recorded sha256; {FIX}")
     try:
         return load_file(str(path))
     except Exception as e:  # the hash matched, so the file was written unreadable
