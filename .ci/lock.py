@@ -16,8 +16,8 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-EXTRAS = "dev,qwen-0.5b,qwen-1.5b"
-OURS = {"agentmem-kv", "agentmem-kernels"}
+EXTRAS = "dev,qwen-0.5b,qwen-1.5b,langchain"
+OURS = {"agentmem-kv", "agentmem-kernels", "langchain-agentmem"}
 UNLOCKED = {"torch"}
 
 
@@ -32,7 +32,7 @@ def resolve(torch: str) -> list[tuple[str, str]]:
         subprocess.run(
             [sys.executable, "-m", "pip", "install", "--quiet", "--dry-run", "--ignore-installed",
              "--report", str(report), torch, "-e", str(ROOT / "kernels"), "-e",
-             f"{ROOT}[{EXTRAS}]"],
+             f"{ROOT}[{EXTRAS}]", "-e", str(ROOT / "integrations" / "langchain")],
             check=True,
         )  # fmt: skip
         items = json.loads(report.read_text())["install"]

@@ -2,7 +2,7 @@
 
 from agentmem import models
 from agentmem.config import POSITIONS, PRESETS, MemoryConfig
-from agentmem.generate import decode_one_token, greedy, prefill
+from agentmem.generate import Sampling, decode_one_token, greedy, prefill, sampling
 from agentmem.hf.cache import AgentMemCache
 from agentmem.hf.wrap import (
     SUPPORTED_MODEL_TYPES,
@@ -27,6 +27,7 @@ __all__ = [
     "MemoryConfig",
     "PersistentSession",
     "Recall",
+    "Sampling",
     "Session",
     "Store",
     "decode_one_token",
@@ -36,6 +37,7 @@ __all__ = [
     "models",
     "new_cache",
     "prefill",
+    "sampling",
     "unwrap",
     "unwrapped",
     "wrap",

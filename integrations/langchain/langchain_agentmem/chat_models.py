@@ -1,0 +1,464 @@
+"""`ChatAgentMem`: a LangChain chat model on a local transformers LM with agentmem's unbounded KV
+memory. Conversations render through the model's own chat template; tools are rendered by it and
+parsed from the generated text; a conversation's session (from `session_id`, or LangGraph's
+`thread_id`) keeps its tokens in memory, so a re-sent history is not prefilled again."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import json
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForLLMRun,
+    CallbackManagerForLLMRun,
+)
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models.base import LangSmithParams
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.tool import tool_call_chunk
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableConfig
+from langchain_core.runnables.config import ensure_config
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import ConfigDict, Field, SecretStr
+
+from agentmem import MemoryConfig, Sampling
+from langchain_agentmem import _engine, _render, _tools
+
+DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+DEFAULT_MAX_TOKENS = 512
+# What a call (or `bind`) may pass besides messages and stop.
+CALL_KWARGS = frozenset(
+    {"tools", "tool_choice", "session_id", "tenant", "model", "temperature", "top_p", "top_k",
+     "seed", "max_tokens", "config_thread_id"}
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One call's inputs, resolved where it was made (the session id may come from there)."""
+
+    model: str
+    messages: list[BaseMessage]
+    stop: tuple[str, ...]
+    tools: list[dict]
+    tool_choice: Any
+    session_id: str | None
+    tenant: str
+    max_tokens: int
+    sampling: dict = field(default_factory=dict)
+
+
+class ChatAgentMem(BaseChatModel):
+    """A local chat model whose conversations live in agentmem's KV memory.
+
+    Setup:
+        `pip install langchain-agentmem` (with `agentmem-kv[qwen-0.5b]` for the default model).
+        Nothing is downloaded: the model is a built-in one or a local directory.
+
+    Key init args — model:
+        model: a built-in model name (default `"qwen2.5-coder-0.5b-instruct"`) or the path of a
+            transformers model directory with a chat template. Loaded on first use, once per
+            process, and shared by every `ChatAgentMem` naming it.
+        memory: the memory layout of new sessions (`agentmem.MemoryConfig`; default the model's).
+        store: an `agentmem.Store`: sessions then outlive the process.
+        tenant: the store's tenant of the sessions.
+        session_id: the conversation; a call's `session_id=` wins, and without either the
+            `thread_id` of LangGraph's config is used; no id at all: a fresh, discarded session.
+
+    Key init args — generation:
+        temperature: 0 or None: greedy (the default); above 0: sampled, with `top_p`, `top_k`
+            and `seed`.
+        max_tokens: the most tokens a reply may have (default 512).
+        stop: strings that end a reply (not part of it).
+
+    Accepted for LangChain's standard parameters, without effect on a local model:
+    `timeout`, `max_retries`, `api_key`.
+
+    Instantiate:
+        ```python
+        from langchain_agentmem import ChatAgentMem
+
+        llm = ChatAgentMem(session_id="support-42", max_tokens=128)
+        ```
+
+    Invoke (a history re-sent on the next call is matched against the session, and only what
+    is new is prefilled):
+        ```python
+        reply = llm.invoke([("system", "Be brief."), ("human", "Name a prime number.")])
+        reply.usage_metadata  # input_tokens, output_tokens, input_token_details.cache_read
+        reply.response_metadata  # model_name, finish_reason, session_id, forked, recalled...
+        ```
+
+    Stream:
+        ```python
+        for chunk in llm.stream("Count to five."):
+            print(chunk.text, end="")
+        ```
+
+    Tool calling (rendered through the chat template, parsed from the reply; `tool_choice` "auto",
+    "none", "any" or a tool's name, forced by the decoded prefix):
+        ```python
+        def get_weather(city: str) -> str:
+            "The weather in a city."
+
+        reply = llm.bind_tools([get_weather], tool_choice="get_weather").invoke("Paris?")
+        reply.tool_calls  # [{"name": "get_weather", "args": {"city": "Paris"}, ...}]
+        ```
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
+
+    model: str = Field(default=DEFAULT_MODEL, alias="model_name")
+    memory: MemoryConfig | None = None
+    store: Any = None
+    tenant: str = "default"
+    session_id: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    max_tokens: int | None = None
+    stop: list[str] | None = Field(default=None, alias="stop_sequences")
+    streaming: bool = False
+    timeout: float | None = None
+    max_retries: int | None = None
+    api_key: SecretStr | None = None
+
+    @property
+    def _llm_type(self) -> str:
+        return "agentmem-chat"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "memory": self.memory.model_dump() if self.memory else None,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+            "max_tokens": self.max_tokens,
+        }
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(
+            ls_provider="agentmem",
+            ls_model_name=kwargs.get("model") or self.model,
+            ls_model_type="chat",
+        )
+        temperature = kwargs.get("temperature", self.temperature)
+        if temperature is not None:
+            params["ls_temperature"] = temperature
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        if max_tokens is not None:
+            params["ls_max_tokens"] = max_tokens
+        if stop or self.stop:
+            params["ls_stop"] = stop or self.stop
+        return params
+
+    def forget_session(self, session_id: str, *, tenant: str | None = None) -> bool:
+        """Free this process's memory of the conversation `session_id` (of this model, store and
+        tenant); False if it held none. With a store it stays stored and resumes on its next
+        call; without one it is gone, and its next call starts afresh."""
+        return _engine.forget(self.model, session_id, self.store, tenant or self.tenant)
+
+    # -- entry points: a call's own config names its LangGraph thread ------------------------------
+
+    def invoke(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
+               stop: list[str] | None = None, **kwargs: Any) -> AIMessage:  # fmt: skip
+        return super().invoke(input, config, stop=stop, **_thread_of(config, kwargs))
+
+    async def ainvoke(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
+                      stop: list[str] | None = None, **kwargs: Any) -> AIMessage:  # fmt: skip
+        return await super().ainvoke(input, config, stop=stop, **_thread_of(config, kwargs))
+
+    def stream(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
+               stop: list[str] | None = None, **kwargs: Any,
+               ) -> Iterator[AIMessageChunk]:  # fmt: skip
+        yield from super().stream(input, config, stop=stop, **_thread_of(config, kwargs))
+
+    async def astream(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
+                      stop: list[str] | None = None, **kwargs: Any,
+                      ) -> AsyncIterator[AIMessageChunk]:  # fmt: skip
+        async for chunk in super().astream(input, config, stop=stop, **_thread_of(config, kwargs)):
+            yield chunk
+
+    # -- tools -----------------------------------------------------------------------------------
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable | BaseTool],
+        *,
+        tool_choice: str | dict | bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Tools rendered through the chat template on every call of the returned runnable.
+
+        `tool_choice`: "auto" (default: the model decides), "none" (no call: the call tag is
+        never decoded), "any" / "required" / True (some call: the reply starts with a call and
+        the tool's name is constrained to the bound ones), or a tool's name (that tool: the reply
+        starts with its call)."""
+        formatted = [convert_to_openai_tool(tool) for tool in tools]
+        _tools.chosen_tool(tool_choice, [t["function"]["name"] for t in formatted])
+        return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
+
+    # -- calls -----------------------------------------------------------------------------------
+
+    def _call(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict,
+              run_manager: Any) -> _Call:  # fmt: skip
+        unknown = set(kwargs) - CALL_KWARGS
+        if unknown:
+            raise ValueError(
+                f"ChatAgentMem got unknown call arguments {sorted(unknown)}; it takes "
+                f"{', '.join(sorted(CALL_KWARGS))}"
+            )
+        session_id = kwargs.get("session_id") or self.session_id or kwargs.get("config_thread_id")
+        if session_id is None:  # inside a LangGraph node: its thread
+            session_id = ensure_config().get("configurable", {}).get("thread_id")
+        if session_id is None and run_manager is not None:
+            session_id = (run_manager.metadata or {}).get("thread_id")
+        tools = list(kwargs.get("tools") or [])
+        choice = kwargs.get("tool_choice")
+        if not tools and choice not in (None, "auto", "none"):
+            raise ValueError(f"tool_choice {choice!r} needs tools: use bind_tools(tools, ...)")
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
+        sampling = {
+            name: kwargs.get(name, getattr(self, name))
+            for name in ("temperature", "top_p", "top_k", "seed")
+        }
+        return _Call(
+            model=kwargs.get("model") or self.model, messages=list(messages),
+            stop=tuple(stop if stop is not None else self.stop or ()), tools=tools,
+            tool_choice=choice, session_id=None if session_id is None else str(session_id),
+            tenant=kwargs.get("tenant") or self.tenant, max_tokens=max_tokens, sampling=sampling,
+        )  # fmt: skip
+
+    def _events(self, call: _Call, cancel: threading.Event | None = None):
+        """The reply as `_tools.Event`s while it decodes, then the `_engine.Outcome`."""
+        lm = _engine.language_model(call.model)
+        tok = lm.tokenizer
+        names = [t["function"]["name"] for t in call.tools]
+        choice = _tools.chosen_tool(call.tool_choice, names) if call.tools else "auto"
+        pieces = _render.pieces(tok, _render.template_messages(call.messages), call.tools)
+        forced, allowed, banned = "", None, frozenset()
+        if call.tools and choice not in ("auto", "none"):
+            if not _tools.hermes_template(tok):
+                raise ValueError(
+                    f"tool_choice {call.tool_choice!r} is enforced for chat templates that call "
+                    f"tools in {_tools.OPEN} tags (Qwen, Hermes); {call.model!r}'s does not"
+                )
+            if choice != "any" or len(names) == 1:
+                name = names[0] if choice == "any" else choice
+                forced = _tools.CALL_HEAD + name + _tools.NAME_TAIL
+                if not _parameters(call.tools[names.index(name)]):  # nothing to write but {}
+                    forced += " {}}\n" + _tools.CLOSE
+            else:
+                forced, allowed = _tools.CALL_HEAD, _tools.NameTrie(tok, names)
+        forbid = None
+        if call.tools and _tools.hermes_template(tok):
+            tag = tok(_tools.OPEN, add_special_tokens=False).input_ids
+            close = tok(_tools.CLOSE, add_special_tokens=False).input_ids
+            if choice == "none" and len(tag) == 1:
+                banned = frozenset(tag)
+            elif len(tag) == len(close) == 1:  # a call the reply opens is closed before it ends
+                eos = _engine.eos_ids(lm)
+                forbid = _tools.CallCloser(tag[0], close[0], eos, open=_tools.is_open(forced))
+                allowed = _tools.CallGrammar(
+                    tok, tag[0], close[0], eos, head=forced, names=allowed, single=bool(forced)
+                )
+        s = call.sampling
+        sampling = Sampling(
+            temperature=float(s["temperature"] or 0.0), top_p=1.0 if s["top_p"] is None else
+            float(s["top_p"]), top_k=int(s["top_k"] or 0), seed=s["seed"], banned=banned,
+            allowed=allowed, forbid=forbid,
+        )  # fmt: skip
+        request = _engine.Request(
+            pieces=pieces, forced=forced, max_new_tokens=call.max_tokens, sampling=sampling,
+            stop=call.stop, memory=self.memory,
+        )  # fmt: skip
+        th = _engine.thread(call.model, call.session_id, self.store, call.tenant)
+        run = _engine.Run(lm, th, request, store=self.store, tenant=call.tenant, cancel=cancel)
+        splitter = _tools.ToolSplitter(names, parse=bool(call.tools) and choice != "none")
+        yield from splitter.feed(forced)
+        for delta in run:
+            yield from splitter.feed(delta)
+        yield from splitter.finish()
+        yield run.outcome
+
+    def _finish(self, call: _Call, outcome: _engine.Outcome, called: bool) -> dict:
+        usage = UsageMetadata(
+            input_tokens=outcome.input_tokens, output_tokens=outcome.output_tokens,
+            total_tokens=outcome.input_tokens + outcome.output_tokens,
+            input_token_details={"cache_read": outcome.cached_tokens},
+        )  # fmt: skip
+        finish = outcome.finish_reason
+        if called and finish == "stop":
+            finish = "tool_calls"
+        metadata = {
+            "model_name": call.model, "model_provider": "agentmem", "finish_reason": finish,
+            "session_id": outcome.session_id, "forked": outcome.forked,
+            "prefilled_tokens": outcome.input_tokens - outcome.cached_tokens,
+            "recalled": outcome.recalled, "recalled_messages": outcome.recalled_messages,
+        }  # fmt: skip
+        return {"usage_metadata": usage, "response_metadata": metadata}
+
+    def _result(self, call: _Call, cancel: threading.Event | None = None) -> ChatResult:
+        text, calls, invalid = [], [], []
+        outcome = None
+        for item in self._events(call, cancel):
+            if isinstance(item, _engine.Outcome):
+                outcome = item
+            elif item.call is not None:
+                (calls if item.call["type"] == "tool_call" else invalid).append(item.call)
+            else:
+                text.append(item.text)
+        message = AIMessage(
+            content="".join(text), tool_calls=calls, invalid_tool_calls=invalid,
+            additional_kwargs=_as_written(outcome, [c["id"] for c in calls + invalid]),
+            **self._finish(call, outcome, bool(calls)),
+        )  # fmt: skip
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    def _chunks(self, call: _Call, cancel: threading.Event | None = None):
+        called, ids = False, []
+        for item in self._events(call, cancel):
+            if isinstance(item, _engine.Outcome):
+                last = AIMessageChunk(
+                    content="", chunk_position="last", additional_kwargs=_as_written(item, ids),
+                    **self._finish(call, item, called),
+                )  # fmt: skip
+                yield ChatGenerationChunk(message=last)
+            elif item.call is not None:
+                called = called or item.call["type"] == "tool_call"
+                ids.append(item.call["id"])
+                yield ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=[
+                    _call_chunk(item.call, item.index)]))  # fmt: skip
+            else:
+                yield ChatGenerationChunk(message=AIMessageChunk(content=item.text))
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        return self._result(self._call(messages, stop, kwargs, run_manager))
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        for chunk in self._chunks(self._call(messages, stop, kwargs, run_manager)):
+            if run_manager and chunk.message.content:
+                run_manager.on_llm_new_token(chunk.message.content, chunk=chunk)
+            yield chunk
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        """Runs in a worker thread (the event loop stays free); cancelling stops generation."""
+        call = self._call(messages, stop, kwargs, run_manager)
+        cancel = threading.Event()
+        try:
+            return await asyncio.to_thread(self._result, call, cancel)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        """Decodes in a worker thread that hands chunks to the event loop as they come."""
+        call = self._call(messages, stop, kwargs, run_manager)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def work() -> None:
+            try:
+                with contextlib.closing(self._chunks(call, cancel)) as chunks:
+                    for chunk in chunks:
+                        loop.call_soon_threadsafe(queue.put_nowait, ("chunk", chunk))
+                        if cancel.is_set():
+                            break
+            except BaseException as e:  # handed to the awaiting side
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
+
+        worker = loop.run_in_executor(None, contextvars.copy_context().run, work)
+        try:
+            while True:
+                kind, item = await queue.get()
+                if kind == "done":
+                    break
+                if kind == "error":
+                    raise item
+                if run_manager and item.message.content:
+                    await run_manager.on_llm_new_token(item.message.content, chunk=item)
+                yield item
+        finally:
+            cancel.set()
+            await asyncio.shield(worker)
+
+
+def _thread_of(config: RunnableConfig | None, kwargs: dict) -> dict:
+    """The call's kwargs with the `thread_id` of its own config (LangChain passes a chat model
+    only the config's callbacks, tags and metadata), below `session_id` and the field."""
+    thread = ((config or {}).get("configurable") or {}).get("thread_id")
+    if thread is None or "config_thread_id" in kwargs:
+        return kwargs
+    return {**kwargs, "config_thread_id": str(thread)}
+
+
+def _parameters(tool: dict) -> dict:
+    """The properties an OpenAI-format tool's arguments have."""
+    return (tool.get("function", {}).get("parameters") or {}).get("properties") or {}
+
+
+def _as_written(outcome: _engine.Outcome, call_ids: list[str]) -> dict:
+    """A reply with calls in the template's tags keeps the text they were parsed from, so that
+    the history it goes back in renders the way the session's memory holds it (`_render`), not
+    in the template's own spacing. Bare JSON calls are not kept: rendered as the template's
+    calls, the next turn branches (a new prefill), but the model reads proper calls (the 0.5B
+    model, shown its fenced JSON again, repeated the call instead of answering)."""
+    if not call_ids or _tools.OPEN not in outcome.text:
+        return {}
+    return {"agentmem": {"text": outcome.text, "tool_call_ids": call_ids}}
+
+
+def _call_chunk(call: dict, index: int):
+    """A streamed tool call. An invalid one's args go as a JSON string, so that LangChain's
+    aggregate of the chunks marks it invalid as `invoke` does (it parses args leniently)."""
+    if call["type"] == "tool_call":
+        args = json.dumps(call["args"], ensure_ascii=False)
+    else:
+        args = json.dumps(call.get("args") or "", ensure_ascii=False)
+    return tool_call_chunk(name=call.get("name"), args=args, id=call.get("id"), index=index)
+
+
+__all__ = ["ChatAgentMem"]

@@ -1,0 +1,17 @@
+"""LangChain's standard unit suite (`langchain-tests`) on ChatAgentMem with the tiny model."""
+
+from __future__ import annotations
+
+import tiny_models
+from langchain_agentmem import ChatAgentMem
+from langchain_tests.unit_tests import ChatModelUnitTests
+
+
+class TestChatAgentMemUnit(ChatModelUnitTests):
+    @property
+    def chat_model_class(self) -> type[ChatAgentMem]:
+        return ChatAgentMem
+
+    @property
+    def chat_model_params(self) -> dict:
+        return {"model": tiny_models.model_dir(), "temperature": 0}
