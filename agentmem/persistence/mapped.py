@@ -27,6 +27,7 @@ class MappedPayload:
         payloads.check_size(path, size)
         try:
             self._file = safe_open(str(path), framework="pt")
+            self._names = frozenset(self._file.keys())  # asked for at every read: once
             found = (self._file.metadata() or {}).get(integrity.KEY)
             self._record = None if found is None else json.loads(found)
         except Exception as e:
@@ -38,8 +39,8 @@ class MappedPayload:
             raise CorruptPayload(f"payload {path} has an integrity record of another version")
         self._checked: dict[str, set[int]] = {}  # blocks verified so far, per tensor
 
-    def names(self) -> set[str]:
-        return set(self._file.keys())
+    def names(self) -> frozenset[str]:
+        return self._names
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._slice(name).get_shape())
@@ -83,7 +84,7 @@ class MappedPayload:
         return data[:, :, start - first * per : end - first * per]
 
     def _slice(self, name: str):
-        if name not in self.names():
+        if name not in self._names:
             raise KeyError(f"payload {self.path} holds no tensor {name!r}")
         return self._file.get_slice(name)
 
