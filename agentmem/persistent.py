@@ -124,7 +124,9 @@ class PersistentSession(Session):
             return False
         # The units and the stream's tokens since the last save (a generated one not yet fed: meta).
         state = self.state_dict(units_from=self._saved_units, tokens_from=self._saved_fed)
-        tensors = {name: t.contiguous() for name, t in state["tensors"].items()}
+        # Written and indexed from host memory (a session on an accelerator copies once, here).
+        state["tensors"] = {name: t.cpu().contiguous() for name, t in state["tensors"].items()}
+        tensors = dict(state["tensors"])
         index, state["meta"][SEARCH] = segment_index(state)  # FAISS: the new units, the windows
         tensors.update(index)
         del state["meta"]["session"]["messages"]  # the store holds them, once

@@ -6,10 +6,10 @@ no model code itself.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Protocol
 
-import bm25s
 import faiss
 import numpy as np
 import torch
@@ -123,7 +123,25 @@ def _hit(store, f: _Found, messages, model, tenant) -> Hit:
 # -- BM25 ----------------------------------------------------------------------------------------
 
 
+def _bm25s():
+    """bm25s, imported when first searched with. Importing it runs a JAX top-k where JAX is
+    installed, and JAX then takes 75% of every GPU's memory for itself: unless the process
+    imported JAX already (its own choice), bm25s is imported with JAX hidden (numpy top-k)."""
+    if "bm25s" in sys.modules:
+        return sys.modules["bm25s"]
+    hide = "jax" not in sys.modules
+    if hide:
+        sys.modules["jax"] = None  # `import jax` raises ImportError
+    try:
+        import bm25s
+    finally:
+        if hide:
+            del sys.modules["jax"]
+    return bm25s
+
+
 def _bm25(query: str, messages: dict[str, list[Message]], depth: int) -> list[_Found]:
+    bm25s = _bm25s()
     docs = [(sid, i, m) for sid, ms in messages.items() for i, m in enumerate(ms) if m.text]
     if not docs:
         return []
@@ -131,9 +149,11 @@ def _bm25(query: str, messages: dict[str, list[Message]], depth: int) -> list[_F
     retriever = bm25s.BM25()
     retriever.index(corpus, show_progress=False)
     asked = bm25s.tokenize([query], stopwords="en", show_progress=False)
-    if not any(asked.ids[0]):  # every query word is a stopword or unseen
+    if not set(asked.vocab) & set(corpus.vocab):  # every query word is a stopword or unseen
         return []
-    rows, scores = retriever.retrieve(asked, k=min(depth, len(docs)), show_progress=False)
+    rows, scores = retriever.retrieve(
+        asked, k=min(depth, len(docs)), show_progress=False, backend_selection="numpy"
+    )
     found = []
     for row, score in zip(rows[0], scores[0], strict=True):
         if score > 0:

@@ -154,3 +154,28 @@ def test_prefill_replays_captured_chunks_exactly(monkeypatch):
     for a, b in zip(graphed.memory_layers, eager.memory_layers, strict=True):
         assert a.units.n_units == b.units.n_units and a.seen == b.seen == 1000
         torch.testing.assert_close(a.units.reps.data, b.units.reps.data)
+
+
+def test_a_session_on_the_gpu_saves_and_resumes_token_for_token(tmp_path):
+    """Saving copies a CUDA session's tensors to the host (the payload, its checksums, its search
+    index); a resumed one reads its units back onto the GPU and continues as the uninterrupted."""
+    from agentmem.session import LanguageModel
+    from tests.helpers import char_tokenizer
+
+    config = agentmem.MemoryConfig(n_init=4, unit_size=16, topk=2, n_local=64, exec_chunk=16)
+    torch.manual_seed(0)
+    lm = LanguageModel(
+        build("gemma3", head_dim=64).to("cuda", torch.bfloat16), char_tokenizer(), config
+    )
+    text = "The code is 4721. " + "The quick brown fox jumps over the lazy dog. " * 12
+    store = agentmem.Store(root=tmp_path)
+    saved = lm.session("s", store=store)
+    saved.append(text)
+    want = lm.session()
+    want.append(text)
+    resumed = lm.session("s", store=agentmem.Store(root=tmp_path))
+    assert resumed.generate(max_new_tokens=8) == want.generate(max_new_tokens=8)
+    assert (
+        resumed.cache.memory_layers[0].units.lazy_units
+        < resumed.cache.memory_layers[0].units.n_units
+    )

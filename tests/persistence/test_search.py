@@ -4,6 +4,10 @@ through resume and fork, and it ranks as exact scoring does where the two must a
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import faiss
 import numpy as np
 import pytest
@@ -154,3 +158,41 @@ def test_search_refuses_bad_input(lm, store):
         store.search("  ", tenant="acme", method="bm25")
     with pytest.raises(ValueError, match="k must"):
         store.search("code", tenant="acme", k=0, method="bm25")
+
+
+def test_bm25_search_keeps_jax_out_of_the_process(tmp_path):
+    """bm25s probes JAX at import, and JAX takes 75% of a GPU's memory: searching must not load
+    it. A stand-in `jax` package that leaves a mark when imported shows whether anything did."""
+    fake = tmp_path / "jax"
+    fake.mkdir()
+    mark = tmp_path / "imported"
+    (fake / "__init__.py").write_text(f"open({str(mark)!r}, 'w').close()\n")
+    script = (
+        "from datetime import datetime\n"
+        "import agentmem\n"
+        "from agentmem.persistence.records import Message\n"
+        "from agentmem.persistence.search import _bm25\n"
+        "fox = Message('user', 'the quick brown fox', 0, 4, datetime.now())\n"
+        "dog = Message('user', 'a lazy dog sleeps', 4, 8, datetime.now())\n"
+        "found = _bm25('fox', {'s': [fox], 't': [dog]}, 5)\n"
+        "assert [f.session for f in found] == ['s'], found\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env)
+    assert not mark.exists()
+
+
+def test_a_one_word_query_finds_its_message():
+    """bm25s numbers a query's own words from 0: a one-word query's only id is 0, and must still
+    be searched (only stopwords and words no message has find nothing)."""
+    from datetime import datetime
+
+    from agentmem.persistence.records import Message
+    from agentmem.persistence.search import _bm25
+
+    fox = Message("user", "the quick brown fox", 0, 4, datetime.now())
+    dog = Message("user", "a lazy dog sleeps", 4, 8, datetime.now())
+    messages = {"s": [fox], "t": [dog]}
+    assert [f.session for f in _bm25("fox", messages, 5)] == ["s"]
+    assert [f.session for f in _bm25("dog", messages, 5)] == ["t"]
+    assert _bm25("the", messages, 5) == [] == _bm25("zebra", messages, 5)
