@@ -84,7 +84,8 @@ class PersistentSession(Session):
 
     The messages `append`, `generate` and `stream` record are stored with the save that holds their
     tokens, in one transaction; with `autosave` each of them saves. A crash loses at most what
-    was not saved yet. `fork` copies the session without copying its payloads.
+    was not saved yet. `fork` copies the session, whole or its first n tokens, without copying
+    its payloads.
     """
 
     def __init__(
@@ -178,14 +179,41 @@ class PersistentSession(Session):
         if self.autosave:
             self.save()
 
-    def fork(self, new_id: str) -> PersistentSession:
-        """A copy of this session as `new_id` (saved first); the copy shares its payloads."""
+    def fork(self, new_id: str, at: int | None = None) -> PersistentSession:
+        """A copy of this session as `new_id` (this one saved first); the copy shares its payloads.
+
+        `at`: the copy holds only the first `at` tokens (0 <= at <= len(self), counted as `len`
+        counts them: a generated token not yet fed is the last one). It shares the segments of
+        the newest save that holds at most `at` tokens, then is fed this session's tokens from
+        there up to `at` in one step and saved: its next greedy tokens are those of a session
+        fed the same tokens in the same steps. A token left pending at that save is fed with
+        them (the copy then has none pending); a fork at a save keeps that save's pending token.
+        The copy keeps the messages that end at or before `at` (one cut by `at` is left out).
+        """
         self.save()
-        self.store.fork(self.id, new_id, tenant=self.tenant)
-        return PersistentSession(
+        at = len(self) if at is None else at
+        if isinstance(at, bool) or not isinstance(at, int) or not 0 <= at <= len(self):
+            raise ValueError(f"fork at= must be an int in [0, {len(self)}] (tokens), got {at!r}")
+        points = self._save_points()
+        kept = sum(point <= at for point in points)  # saves only grow the session
+        base = points[kept - 1] if kept else 0
+        self.store.fork(self.id, new_id, tenant=self.tenant, segments=kept, tokens=base)
+        copy = PersistentSession(
             self.lm, self.store, new_id, tenant=self.tenant, progress=self.progress,
             autosave=self.autosave,
         )  # fmt: skip
+        if at > base:
+            copy.append_tokens((self.tokens + self._pending)[base:at])
+            copy._messages += [m for m in self._messages if base < m.end <= at]
+            copy.save()
+        return copy
+
+    def _save_points(self) -> list[int]:
+        """The session's length (`len`) at each of its saves, oldest first (it is saved): a save
+        records the tokens fed before it (`tokens_from`) and the one left pending."""
+        metas = [s.meta["session"] for s in self.store.segments(self.id, tenant=self.tenant)]
+        fed = [meta["tokens_from"] for meta in metas[1:]] + [len(self.tokens)]
+        return [n + len(meta["pending"]) for n, meta in zip(fed, metas, strict=True)]
 
     def export(self, path: str | Path) -> Path:
         """Save, then write this session to one bundle file at `path` (`Store.import_` reads it

@@ -189,11 +189,22 @@ class Store:
             )
             return [_info(row) for row in rows]
 
-    def fork(self, session_id: str, new_id: str, *, tenant: str = DEFAULT_TENANT) -> SessionInfo:
+    def fork(
+        self, session_id: str, new_id: str, *, tenant: str = DEFAULT_TENANT,
+        segments: int | None = None, tokens: int | None = None,
+    ) -> SessionInfo:  # fmt: skip
         """A new session `new_id` with the messages and segments of `session_id` (the segments'
-        files are shared, not copied); later writes to either don't reach the other."""
+        files are shared, not copied); later writes to either don't reach the other.
+
+        With `segments=k` and `tokens=t` (given together) it gets only the first k segments and
+        the messages that end at or before token t, and counts t tokens: the caller says how
+        many tokens those segments hold (the store doesn't read payloads)."""
         _check(tenant, session_id)
         check_id(new_id, "new session id")
+        if (segments is None) != (tokens is None):
+            raise ValueError("fork takes segments= and tokens= together (or neither)")
+        if segments is not None:
+            segments, tokens = _count(segments, "segments"), _count(tokens, "tokens")
         when = now()
         try:
             with self._write.begin() as s:
@@ -202,27 +213,37 @@ class Store:
                     raise _not_found(tenant, session_id)
                 if self._find(s, tenant, new_id) is not None:
                     raise self._exists(tenant, new_id)
+                m, ss = MessageRow, SessionSegment
+                saved = self._next_seq(s, ss, parent.pk)  # its segments' count (seq 0, 1, ...)
+                keep = [m.session_pk == parent.pk]  # a whole fork: every message, wherever it ends
+                if segments is None:
+                    segments, tokens = saved, parent.tokens
+                elif segments > saved or tokens > parent.tokens:
+                    raise ValueError(
+                        f"session {session_id!r} has {saved} segments and {parent.tokens} tokens; "
+                        f"a fork can't take {segments} and {tokens}"
+                    )
+                else:
+                    keep.append(m.end <= tokens)
                 row = SessionRow(
                     tenant=tenant, session_id=new_id, fingerprint=parent.fingerprint,
-                    memory=parent.memory, tokens=parent.tokens, parent=session_id,
+                    memory=parent.memory, tokens=tokens, parent=session_id,
                     created=when, updated=when,
                 )  # fmt: skip
                 s.add(row)
                 s.flush()
-                m = MessageRow
                 s.execute(
                     insert(m).from_select(
                         ["session_pk", "seq", "role", "text", "start", "end", "created"],
                         select(literal(row.pk), m.seq, m.role, m.text, m.start, m.end, m.created)
-                        .where(m.session_pk == parent.pk),
+                        .where(*keep),
                     )
                 )  # fmt: skip
-                ss = SessionSegment
                 s.execute(
                     insert(ss).from_select(
                         ["session_pk", "seq", "segment_id"],
                         select(literal(row.pk), ss.seq, ss.segment_id)
-                        .where(ss.session_pk == parent.pk),
+                        .where(ss.session_pk == parent.pk, ss.seq < segments),
                     )
                 )  # fmt: skip
                 return _info(row)

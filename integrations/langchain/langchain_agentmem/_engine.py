@@ -1,7 +1,8 @@
 """What ChatAgentMem runs on: one loaded model per name per process, one `Thread` (an agentmem
 session, the tokens it holds, a lock) per session key, the match of a re-sent history against
 what a session already holds (only the new suffix is prefilled; a history that diverges gets a
-new branch), and the generation loop (sampling, stop strings, finish reason)."""
+new branch, a stored one forked where it diverges), and the generation loop (sampling, stop
+strings, finish reason)."""
 
 from __future__ import annotations
 
@@ -100,6 +101,16 @@ def _ids(tokenizer, text: str, at_start: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=special).input_ids
 
 
+def _feeds(tokenizer, pieces: list[Piece]) -> list[tuple[str, str, list[int]]]:
+    """The history as (role, text, ids) per piece, tokenized as a fresh session would."""
+    feeds, at = [], 0
+    for piece in pieces:
+        ids = _ids(tokenizer, piece.text, at_start=at == 0)
+        feeds.append((piece.role, piece.text, ids))
+        at += len(ids)
+    return feeds
+
+
 class Run:
     """One call: match and feed the history, then generate. Iterate for the text as it decodes
     (stop strings cut out); `outcome` is complete once iteration ended. The thread's lock is
@@ -118,11 +129,7 @@ class Run:
         """What to feed after what the session holds, as (role, text, ids) (role and text None
         for a piece's tail), or None if the session holds something the history does not."""
         tok, held = self.lm.tokenizer, self.th.held
-        feeds, at = [], 0
-        for piece in pieces:
-            ids = _ids(tok, piece.text, at_start=at == 0)
-            feeds.append((piece.role, piece.text, ids))
-            at += len(ids)
+        feeds = _feeds(tok, pieces)
         flat = [i for _, _, ids in feeds for i in ids]
         if flat[: len(held)] == held and len(held) <= len(flat):
             return _after(feeds, len(held))
@@ -154,10 +161,13 @@ class Run:
             return self._branch(th.branch + 1, pieces)
         if self.store is None or th.key[3] is None:
             return self._fresh(pieces, self.lm.session(memory=self.request.memory, progress=False))
-        # A stored conversation: its newest branch that agrees with the history, else a new one.
+        # A stored conversation: its newest branch that agrees with the history, else a new one
+        # forked from the branch that agrees longest.
         base, n = th.key[3], 0
         while self.store.session_info(_branch_id(base, n + 1), tenant=self.tenant) is not None:
             n += 1
+        flat = [i for _, _, ids in _feeds(self.lm.tokenizer, pieces) for i in ids]
+        longest = None  # (common tokens, branch, session, held) of the one that agrees longest
         for k in range(n, -1, -1):
             if self.store.session_info(_branch_id(base, k), tenant=self.tenant) is None:
                 continue
@@ -168,8 +178,12 @@ class Run:
             if plan is not None:
                 self.outcome.session_id = _branch_id(base, k)
                 return plan
-        if n > 0 or th.session is not None:
+            common = _common(th.held, flat)
+            if longest is None or common > longest[0]:
+                longest = (common, k, session, th.held)
+        if longest is not None:
             self.outcome.forked = True
+            _, th.branch, th.session, th.held = longest
             return self._branch(n + 1, pieces)
         return self._fresh(pieces, self._stored(base))
 
@@ -181,7 +195,9 @@ class Run:
 
     def _branch(self, n: int, pieces: list[Piece]):
         """A new session for a history that diverged from the one held: with a store, stored as
-        `<id>:<n>` (the old one kept); without, in this process only."""
+        `<id>:<n>`, forked from the one held at the first token where they differ (the old one
+        kept; the branch holds only the tokens they share, so no answer comes from the other
+        past); without, a fresh one in this process only."""
         th = self.th
         if self.store is not None:  # another process may have made branches meanwhile
             while self.store.session_info(_branch_id(th.key[3], n), tenant=self.tenant):
@@ -191,7 +207,10 @@ class Run:
             return self._fresh(pieces, self.lm.session(memory=self.request.memory, progress=False))
         session_id = _branch_id(th.key[3], n)
         self.outcome.session_id = session_id
-        return self._fresh(pieces, self._stored(session_id))
+        flat = [i for _, _, ids in _feeds(self.lm.tokenizer, pieces) for i in ids]
+        common = _common(th.held, flat)
+        th.session, th.held = th.session.fork(session_id, at=common), th.held[:common]
+        return self._plan(pieces)  # what follows the shared tokens
 
     def _fresh(self, pieces: list[Piece], session):
         self.th.session, self.th.held = session, []
@@ -310,6 +329,16 @@ def _after(feeds, n: int):
             out.append((role, text, ids))
         at += len(ids)
     return out
+
+
+def _common(held: list[int], ids: list[int]) -> int:
+    """How many first tokens `held` and `ids` share."""
+    n = 0
+    for a, b in zip(held, ids, strict=False):  # the shorter one ends it
+        if a != b:
+            break
+        n += 1
+    return n
 
 
 def _branch_id(base: str, n: int) -> str:

@@ -205,6 +205,38 @@ def test_stored_sessions_outlive_their_chat_model(tiny_model_dir, tmp_path):
     store.close()
 
 
+def test_a_stored_history_edited_in_the_middle_is_forked_where_it_diverges(
+    tiny_model_dir, tmp_path
+):
+    store = agentmem.Store(root=tmp_path / "store")
+    llm = ChatAgentMem(model=tiny_model_dir, max_tokens=8, memory=COVERING, store=store)
+    turn1 = [SystemMessage("Be brief."), HumanMessage("What is the weather in Paris?")]
+    first = llm.invoke(turn1, session_id="mid")
+    turn2 = [*turn1, first, HumanMessage("And in Rome?")]
+    second = llm.invoke(turn2, session_id="mid")
+    original = session_of("mid")
+    held = original.tokens + original.state_dict()["meta"]["session"]["pending"]
+    # The second question edited, the turns after it kept.
+    edited = [*turn1, first, HumanMessage("And in Oslo?"), second, HumanMessage("Thanks.")]
+    lm = _engine.language_model(tiny_model_dir)
+    pieces = _render.pieces(lm.tokenizer, _dicts(edited), None)
+    flat = [i for *_, ids in _engine._feeds(lm.tokenizer, pieces) for i in ids]
+    common = _engine._common(held, flat)
+    assert count(tiny_model_dir, _dicts(turn1)) < common < len(held)  # inside the second turn
+    branch = llm.invoke(edited, session_id="mid")
+    usage, meta = branch.usage_metadata, branch.response_metadata
+    assert meta["forked"] is True and meta["session_id"] == "mid:1"
+    assert usage["input_tokens"] == len(flat)
+    assert usage["input_token_details"]["cache_read"] == common  # the branch had them from the fork
+    assert meta["prefilled_tokens"] == len(flat) - common < len(flat) / 2
+    # It shares the save of the first turn (the stored tokens up to the edit fed from there).
+    shared, parent = [s.file for s in store.segments("mid:1")], store.segments("mid")
+    assert shared[0] == parent[0].file and parent[1].file not in shared
+    assert branch.content == llm.invoke(edited).content  # a fresh session's answer: not Rome's
+    assert store.session_info("mid").tokens == len(held)  # the original is kept as it was
+    store.close()
+
+
 def _dicts(messages):
     return _render.template_messages(messages)
 
