@@ -1,0 +1,265 @@
+"""benchmarks/ruler: prompts of the asked token length with needles at their depths, filler that
+never repeats a sentence, seeded prompts, the scorers, and the runner end to end on a tiny model
+(rows written as they finish, resumed, stopped by a time budget)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+
+import pytest
+
+import benchmarks.ruler.runner as runner
+from agentmem.session import LanguageModel
+from benchmarks.ruler.prompts import Prompt, TokenCounter, build, render
+from benchmarks.ruler.tasks import TASKS, Context, score
+from tests.helpers import bpe_tokenizer, char_tokenizer
+from tests.helpers import build as build_model
+
+# A ChatML template (Qwen's layout, without its default system prompt), rendered by jinja.
+CHATML = (
+    "{% for m in messages %}{% if m.role == 'tool' %}<|im_start|>user\n<tool_response>\n"
+    "{{ m.content }}\n</tool_response><|im_end|>\n{% else %}<|im_start|>{{ m.role }}\n"
+    "{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TINY = "n_init=8,unit_size=16,n_local=64,exec_chunk=32,topk=2"
+
+
+def chatml_tokenizer():
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+# One of each, with its counter: a counter calibrates its rates once.
+TOKENIZERS = {
+    "bpe": functools.cache(bpe_tokenizer),
+    "chatml": functools.cache(chatml_tokenizer),
+    "char": functools.cache(char_tokenizer),
+}
+COUNTERS: dict[int, TokenCounter] = {}
+
+
+def make(task: str, tokenizer, length: int, depth: float | None = 0.5, index: int = 0, seed=0):
+    counter = COUNTERS.setdefault(id(tokenizer), TokenCounter(tokenizer))
+    depth = depth if TASKS[task].uses_depth else None
+    ctx = Context(seed, task, length, index, depth, counter)
+    return build(TASKS[task].layouts(ctx), tokenizer, counter, task=task, length=length,
+                 index=index, depth=depth)  # fmt: skip
+
+
+def stream(tokenizer, prompt: Prompt) -> list[int]:
+    """The prompt's tokens as Session.append makes them: one tokenization per segment."""
+    ids = []
+    for i, (_, text) in enumerate(prompt.segments):
+        ids += tokenizer(text, add_special_tokens=i == 0).input_ids
+    return ids
+
+
+@pytest.mark.parametrize("kind", ["bpe", "chatml"])
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_a_prompt_has_the_asked_length_and_its_needles_where_it_says(task, kind):
+    tokenizer = TOKENIZERS[kind]()
+    length = 6000 if task == "niah_multiturn" else 2500
+    prompt = make(task, tokenizer, length)
+    ids = stream(tokenizer, prompt)
+    assert len(ids) == prompt.tokens  # the pieces' counts add up to the text's
+    # never more than asked, and short of it by less than a sentence or a line (~100 chars)
+    assert length - 120 <= prompt.tokens <= length
+    for needle, (start, end) in zip(prompt.needles, prompt.spans, strict=True):
+        alone = tokenizer.decode(tokenizer(needle.text, add_special_tokens=False).input_ids)
+        assert tokenizer.decode(ids[start:end]).strip() == alone.strip()  # the needle, no more
+
+
+@pytest.mark.parametrize("depth", [0.1, 0.5, 0.9])
+def test_the_needle_sits_at_the_asked_depth(depth):
+    prompt = make("niah_single", TOKENIZERS["char"](), 16000, depth)
+    assert abs(prompt.depths[0] - depth) < 0.03
+    first = make("niah_multikey", TOKENIZERS["char"](), 16000, depth)
+    assert abs(first.depths[0] - depth) < 0.03 and first.needles[0].asked
+    assert not any(n.asked for n in first.needles[1:])
+
+
+def test_a_long_prompt_is_cut_evenly_and_keeps_its_depths():
+    tokenizer = TOKENIZERS["bpe"]()
+    prompt = make("niah_multiquery", tokenizer, 60000, 0.9)
+    assert 60000 - 100 <= prompt.tokens <= 60000  # short by less than a sentence
+    assert abs(prompt.depths[0] - 0.9) < 0.02
+
+
+def sentences(prompt: Prompt) -> list[str]:
+    text = "\n".join(t for _, t in prompt.segments)
+    parts = re.split(r"(?<=[.!?])\s+|\n", text)
+    return [p.strip() for p in parts if len(p.strip()) > 12]
+
+
+@pytest.mark.parametrize("task", sorted(set(TASKS) - {"cwe"}))
+def test_filler_repeats_no_sentence_or_line(task):
+    prompt = make(task, TOKENIZERS["bpe"](), 20000)
+    seen = sentences(prompt)
+    assert len(seen) > 300
+    assert len(seen) == len(set(seen))
+
+
+def test_common_words_are_the_most_frequent_and_the_others_rare():
+    prompt = make("cwe", TOKENIZERS["char"](), 6000)
+    words = prompt.segments[0][1].split("\n\n", 2)[1].split("\n")[:-1]  # the list's lines
+    counts = {w: words.count(w) for w in set(words)}
+    assert sorted(counts, key=counts.get)[-10:] != [] and len(prompt.expected) == 10
+    assert min(counts[w] for w in prompt.expected) > max(
+        n for w, n in counts.items() if w not in prompt.expected
+    )
+    assert max(n for w, n in counts.items() if w not in prompt.expected) <= 3
+
+
+def test_multi_turn_needles_arrive_in_different_appends_among_tool_output():
+    tokenizer = TOKENIZERS["chatml"]()
+    prompt = make("niah_multiturn", tokenizer, 8000, 0.5)
+    starts, at = [], 0
+    for i, (_, text) in enumerate(prompt.segments):
+        starts.append(at)
+        at += len(tokenizer(text, add_special_tokens=i == 0).input_ids)
+    holders = [max(i for i, s in enumerate(starts) if s <= start) for start, _ in prompt.spans]
+    assert len(set(holders)) == len(prompt.needles) == 4
+    assert all(prompt.segments[h][0] == "tool" for h in holders)
+    assert [r for r, _ in prompt.segments[:3]] == ["user", "assistant", "tool"]
+    assert prompt.segments[-1][0] == "user"
+    assert prompt.segments[-1][1].endswith(f"<|im_start|>assistant\nThe special magic number for "
+                                           f"{prompt.needles[0].key} is")  # fmt: skip
+
+
+def test_segments_are_the_chat_template_rendering_of_the_conversation():
+    tokenizer = chatml_tokenizer()
+    counter = TokenCounter(tokenizer)
+    ctx = Context(0, "niah_multiturn", 8000, 0, 0.5, counter)
+    layout = TASKS["niah_multiturn"].layouts(ctx)(4000, 4000)
+    joined = "".join(p.text for _, pieces in render(tokenizer, layout) for p in pieces)
+    convo = [{"role": m.role, "content": "".join(p.text for p in m.pieces)}
+             for m in layout.messages]  # fmt: skip
+    whole = tokenizer.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
+    assert joined == whole + layout.answer_prefix
+
+
+def test_prompts_are_seeded():
+    tokenizer = TOKENIZERS["bpe"]()
+    for task in TASKS:
+        length = 5000 if task == "niah_multiturn" else 2000
+        a, b = make(task, tokenizer, length), make(task, tokenizer, length)
+        assert a.segments == b.segments and a.sha == b.sha and a.expected == b.expected
+        assert make(task, tokenizer, length, index=1).sha != a.sha
+        assert make(task, tokenizer, length, seed=1).sha != a.sha
+
+
+def prompt_for(task: str) -> Prompt:
+    length = 6000 if task == "niah_multiturn" else 2500
+    return make(task, TOKENIZERS["char"](), length)
+
+
+def test_the_number_tasks_score_by_recall_of_every_value():
+    single = prompt_for("niah_single")
+    value = single.expected[0]
+    assert score(TASKS["niah_single"], f" {value}.", single) == (1.0, None)
+    assert score(TASKS["niah_single"], f" **{value}**", single) == (1.0, None)
+    assert score(TASKS["niah_single"], f" {value}1.", single)[0] == 0  # whole numbers only
+    assert score(TASKS["niah_single"], " none", single) == (0.0, "none")
+    assert score(TASKS["niah_single"], f" {value[::-1]}", single) == (0.0, "reordered")
+    assert score(TASKS["niah_single"], f" {value[:-2]}", single) == (0.0, "near")
+    assert score(TASKS["niah_single"], " 12", single) == (0.0, "other")
+    multikey = prompt_for("niah_multikey")
+    other = multikey.needles[1].value
+    assert score(TASKS["niah_multikey"], f" {other}.", multikey) == (0.0, "other_needle")
+    for task in ("niah_multivalue", "niah_multiquery"):
+        prompt = prompt_for(task)
+        values = prompt.expected
+        assert len(values) == 4 and len(set(values)) == 4
+        assert score(TASKS[task], ", ".join(values), prompt) == (1.0, None)
+        assert score(TASKS[task], f"{values[2]} and {values[0]}", prompt) == (0.5, None)
+
+
+def test_the_word_tasks_score_by_recall_of_every_word():
+    vt = prompt_for("vt")
+    names = vt.expected
+    assert len(names) == 5 and all(n.isupper() for n in names)
+    assert score(TASKS["vt"], " " + ", ".join(names), vt) == (1.0, None)
+    assert score(TASKS["vt"], f" {names[0]}, {names[1].lower()}", vt) == (0.4, None)
+    distractors = [n.key for n in vt.needles if not n.asked]
+    assert score(TASKS["vt"], " " + " ".join(distractors), vt) == (0.0, None)
+    cwe = prompt_for("cwe")
+    top = cwe.expected
+    assert score(TASKS["cwe"], " " + ", ".join(top), cwe) == (1.0, None)
+    assert score(TASKS["cwe"], " " + ", ".join(top[:7]) + ", foo", cwe) == (0.7, None)
+
+
+def test_cli_arguments_parse():
+    assert runner._lengths("8192,32K,1M") == [8192, 32768, 2**20]
+    args = runner.parser().parse_args(["--position", "infllm,stacked+topk=32", "--set", TINY,
+                                       "--preset", "default"])  # fmt: skip
+    configs = runner.policies(args)
+    assert list(configs) == ["infllm", "stacked+topk=32"]
+    assert configs["stacked+topk=32"].topk == 32 and configs["stacked+topk=32"].unit_size == 16
+    assert configs["infllm"].position == "infllm" and configs["infllm"].topk == 2
+    with pytest.raises(SystemExit):
+        runner.policies(runner.parser().parse_args(["--position", "nope"]))
+
+
+def test_the_runner_writes_rows_as_it_goes_and_resumes(tmp_path, monkeypatch):
+    lm = LanguageModel(build_model("qwen2"), chatml_tokenizer())
+    out = tmp_path / "ruler.json"
+    argv = ["--tasks", "niah_multikey", "--lengths", "900", "--prompts", "1",
+            "--depths", "0.3,0.7", "--preset", "default", "--position", "infllm",
+            "--set", "n_init=8,unit_size=16,n_local=128,exec_chunk=112,topk=2",
+            "--full-max", "900", "--max-new", "4", "--out", str(out),
+            "--plots", str(tmp_path / "plots")]  # fmt: skip
+    assert runner.main(argv, lm=lm) == 0
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert [r["policy"] for r in rows] == ["infllm", "full"]
+    assert len({r["prompt_sha"] for r in rows}) == 1  # the same prompt for every policy
+    for row in rows:
+        assert row["tokens"] == row["tokens_predicted"] <= 900 and row["depth"] == 0.3
+        assert {"answer", "expected", "score", "correct", "miss", "prefill_s"} <= set(row)
+    for row in rows[:1]:
+        assert row["spans_ok"] and len(row["needles"]) == 4 and 0 <= row["coverage"] <= 1
+        for needle in row["needles"]:
+            assert {"span", "depth", "where", "layers", "units"} <= set(needle)
+            assert set(needle["layers"]) <= set(data["meta"]["memory_layers"])
+    assert "niah_multikey" in out.with_suffix(".txt").read_text()
+    assert (tmp_path / "plots" / "niah_multikey.png").is_file()
+
+    with pytest.raises(SystemExit):  # an existing file is kept unless resumed
+        runner.main(argv, lm=lm)
+    calls = []
+    real = runner.run_prompt
+    monkeypatch.setattr(runner, "run_prompt", lambda *a: calls.append(a) or real(*a))
+    assert runner.main([*argv, "--resume"], lm=lm) == 0
+    assert calls == [] and json.loads(out.read_text())["rows"] == rows
+    # More prompts: only the new one runs. An exhausted time budget stops cleanly, rows kept.
+    assert runner.main([*argv, "--resume", "--prompts", "2"], lm=lm) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(calls) == 2 and len(rows) == 4 and {r["index"] for r in rows[2:]} == {1}
+    assert rows[2]["depth"] == 0.7
+    assert runner.main([*argv, "--resume", "--prompts", "3", "--time-budget", "1e-6"], lm=lm) == 0
+    assert len(calls) == 2 and json.loads(out.read_text())["rows"] == rows
+    assert len(json.loads(out.read_text())["meta"]["runs"]) == 2  # each run that wrote rows
+
+
+@pytest.mark.slow
+def test_qwen_prompts_have_the_asked_length_through_its_chat_template():
+    from transformers import AutoTokenizer
+
+    from agentmem import models
+
+    tokenizer = AutoTokenizer.from_pretrained(models.model_dir("qwen2.5-coder-0.5b-instruct"))
+    for task in TASKS:
+        prompt = make(task, tokenizer, 32768, 0.5)
+        ids = stream(tokenizer, prompt)
+        assert len(ids) == prompt.tokens and 32768 - 64 <= prompt.tokens <= 32768
+        assert prompt.segments[0][1].startswith("<|im_start|>system\n")
+        # the generation prompt, then the answer's first words
+        assert prompt.segments[-1][1].split("<|im_end|>\n<|im_start|>assistant\n")[1][:4] == "The "
+        for needle, (start, end) in zip(prompt.needles, prompt.spans, strict=True):
+            assert tokenizer.decode(ids[start:end]).strip() == needle.text
+        if TASKS[task].uses_depth:
+            assert abs(prompt.depths[0] - 0.5) < 0.01
