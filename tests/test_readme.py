@@ -42,6 +42,9 @@ def test_the_readme_snippets_run(capsys):
     assert roles == ["user", "assistant"] and namespace["reply"] == namespace["history"][1].text
     assert [info.id for info in namespace["listed"]] == ["support-42", "support-42-b"]
     assert [info.id for info in namespace["store"].sessions(tenant="acme")] == ["support-42"]
+    first, again = namespace["first"], namespace["again"]  # the LangChain section
+    held = first.usage_metadata["input_tokens"] + first.usage_metadata["output_tokens"]
+    assert namespace["served"] == held and again.response_metadata["prefilled_tokens"] < 30
 
 
 @pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.py")))

@@ -1,0 +1,105 @@
+"""An agent whose tool returns far more text than the model attends to at once, then answers a
+question about one line deep inside it.
+
+`ChatAgentMem` with one tool that returns a maintenance log of about 32K tokens, driven by the
+plain tool-calling loop (call, run the tool, hand back its `ToolMessage`). The memory attends to
+at most 2,048 tokens per step (sinks, the units retrieved for the step, the local window): the
+whole log streams into the session once, and the answer is recalled from it. The 0.5B model is
+steered with `tool_choice`: it must call a tool to read the log ("any"), and may not call one
+again when it answers ("none"); the same tools stay bound, so the history renders alike and is
+never prefilled twice.
+
+Run: .venv/bin/python integrations/langchain/examples/long_tool_output.py
+(CPU: several minutes, nearly all of it reading the log once.)
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+from langchain_agentmem import ChatAgentMem
+from langchain_core.messages import HumanMessage, SystemMessage
+from langchain_core.tools import tool
+
+import agentmem
+
+LINES = 780  # about 32K tokens of log (42 tokens a line)
+NEEDLE_AT = 520  # the line that answers the question, two thirds of the way in
+# Sinks 64 + 8 retrieved units of 128 + a local window of 960: 2,048 tokens attended per step.
+MEMORY = agentmem.MemoryConfig(n_init=64, unit_size=128, topk=8, n_local=960)
+TECHNICIANS = ["Moreno", "Larsen", "Haddad", "Silva", "Novak", "Tanaka", "Dubois", "Kowalski"]
+MACHINES = [
+    "conveyor belt",
+    "air compressor",
+    "packing robot",
+    "forklift charger",
+    "hydraulic press",
+]
+CHECKS = [
+    "checked the {m}; vibration {v} mm/s, within limits",
+    "cleaned the filters of the {m} and logged {v} hours of runtime",
+    "recalibrated the sensors of the {m} (drift {v} percent)",
+    "inspected the {m} after a restart; temperature {v} degrees, normal",
+    "greased the bearings of the {m}; noise level down to {v} dB",
+]
+NEEDLE = (
+    "2025-06-02 14:40 hall 7: technician Okonkwo replaced the coolant pump; the new pump's "
+    "serial number is PX-4471."
+)
+QUESTION = "Who replaced the coolant pump in hall 7, and what is the new pump's serial number?"
+
+
+def maintenance_log(lines: int = LINES, seed: int = 0) -> str:
+    """A varied, seeded log; the coolant pump appears in one line only."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(lines):
+        if i == NEEDLE_AT:
+            out.append(NEEDLE)
+            continue
+        day, hour, minute = 1 + i // 60, rng.randrange(6, 22), rng.randrange(60)
+        check = rng.choice(CHECKS).format(m=rng.choice(MACHINES), v=round(rng.uniform(1, 90), 1))
+        month = 1 + (day - 1) // 28
+        out.append(
+            f"2025-{month:02d}-{1 + (day - 1) % 28:02d} {hour:02d}:{minute:02d} hall "
+            f"{rng.randrange(1, 12)}: technician {rng.choice(TECHNICIANS)} {check}."
+        )
+    return "\n".join(out)
+
+
+@tool
+def read_maintenance_log(site: str) -> str:
+    """Return the full maintenance log of a site (every line: date, hall, technician, work)."""
+    return maintenance_log()
+
+
+def main() -> dict:
+    llm = ChatAgentMem(memory=MEMORY, session_id="site-b", max_tokens=48)  # the built-in 0.5B
+    tools = [read_maintenance_log]
+    log_tokens = llm.get_num_tokens(maintenance_log())
+    print(f"the tool returns {log_tokens:,} tokens; the model attends to {MEMORY.window:,}")
+    history = [
+        SystemMessage("You are a maintenance assistant. Read logs with your tools."),
+        HumanMessage(f"Read the maintenance log of site B. Then: {QUESTION}"),
+    ]
+    started = time.perf_counter()
+    call = llm.bind_tools(tools, tool_choice="any").invoke(history)
+    print(f"{time.perf_counter() - started:5.0f} s  the model calls {call.tool_calls}")
+    results = [read_maintenance_log.invoke(c) for c in call.tool_calls]  # ToolMessages
+    history += [call, *results]
+    answer = llm.bind_tools(tools, tool_choice="none").invoke(history)
+    usage = answer.usage_metadata
+    print(f"{time.perf_counter() - started:5.0f} s  the answer: {answer.content!r}")
+    print(
+        f"        {usage['input_tokens']:,} input tokens, "
+        f"{usage['input_token_details']['cache_read']:,} of them already in memory"
+    )
+    for unit in answer.response_metadata["recalled"]:
+        if "coolant pump" in unit["text"]:
+            print(f"        recalled the pump's line from tokens {unit['start']}-{unit['end']}")
+    return {"log_tokens": log_tokens, "call": call, "results": results, "answer": answer}
+
+
+if __name__ == "__main__":
+    main()
