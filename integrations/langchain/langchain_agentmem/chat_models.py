@@ -171,6 +171,12 @@ class ChatAgentMem(BaseChatModel):
         call; without one it is gone, and its next call starts afresh."""
         return _engine.forget(self.model, session_id, self.store, tenant or self.tenant)
 
+    def get_token_ids(self, text: str) -> list[int]:
+        """The ids of `text` in the model's own tokenizer (LangChain's default would fetch
+        GPT-2's from the hub); `get_num_tokens` counts them."""
+        tokenizer = _engine.language_model(self.model).tokenizer
+        return tokenizer(text, add_special_tokens=False).input_ids
+
     # -- entry points: a call's own config names its LangGraph thread ------------------------------
 
     def invoke(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
