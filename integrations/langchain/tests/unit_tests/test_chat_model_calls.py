@@ -221,3 +221,10 @@ def test_standard_params_name_the_provider_and_model(llm, tiny_model_dir):
     assert params["ls_model_name"] == tiny_model_dir
     assert params["ls_temperature"] == 0.3 and params["ls_max_tokens"] == 12
     assert params["ls_stop"] == ["x"]
+
+
+def test_tokens_are_counted_with_the_models_own_tokenizer(llm, tiny_model_dir):
+    text = "What is the weather in Paris?"
+    want = AutoTokenizer.from_pretrained(tiny_model_dir)(text, add_special_tokens=False).input_ids
+    assert llm.get_token_ids(text) == want  # offline: LangChain's default would fetch GPT-2's
+    assert llm.get_num_tokens(text) == len(want)
