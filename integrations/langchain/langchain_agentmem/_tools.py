@@ -1,6 +1,7 @@
 """Tool calls in generated text (the Hermes / Qwen format: `<tool_call>{json}</tool_call>`, or a
-bare JSON object where a small model drops the tags), split from the text as it streams; what
-`tool_choice` forces (a decoded prefix, a trie of allowed tool names)."""
+bare JSON object where a small model drops the tags), split from the text as it streams (a
+call's arguments too, as they decode); what `tool_choice` forces (a decoded prefix, a trie of
+allowed tool names)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,20 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from langchain_core.messages import InvalidToolCall, ToolCall
-from langchain_core.messages.tool import invalid_tool_call, tool_call
+from langchain_core.messages import InvalidToolCall, ToolCall, ToolCallChunk
+from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
+
+from langchain_agentmem._json import JsonGrammar, scan
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 # The text a forced call starts with, up to the tool's name (Qwen2.5's template says so).
 CALL_HEAD = OPEN + '\n{"name": "'
 NAME_TAIL = '", "arguments":'
 FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
+# A call's body up to its arguments (the tool's name in group 1); HEAD: up to their object,
+# from where they stream as they decode.
+NAMED = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:')
+HEAD = re.compile(NAMED.pattern + r"\s*(?=\{)")
 
 
 def new_id() -> str:
@@ -50,19 +57,23 @@ def chosen_tool(tool_choice: Any, names: Sequence[str]) -> str | None:
     return name
 
 
-def parse_call(body: str, names: Iterable[str]) -> ToolCall | InvalidToolCall:
+def parse_call(
+    body: str, names: Iterable[str], id: str | None = None
+) -> ToolCall | InvalidToolCall:
     """One call's JSON `{"name": ..., "arguments": {...}}` (arguments also as "parameters", or
-    as a JSON string); malformed JSON or an unknown tool gives an invalid call, never raises."""
+    as a JSON string); malformed JSON or an unknown tool gives an invalid call, never raises.
+    `id`: the call's (one streamed already has it), else a new one."""
     names = set(names)
+    id = id or new_id()
     body = body.strip()
     try:
         value = json.loads(body)
     except json.JSONDecodeError as e:
         error = f"not JSON: {e}"
-        return invalid_tool_call(name=_name_in(body), args=body, id=new_id(), error=error)
+        return invalid_tool_call(name=_name_in(body), args=body, id=id, error=error)
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         error = 'a tool call is {"name": ..., "arguments": ...}'
-        return invalid_tool_call(name=None, args=body, id=new_id(), error=error)
+        return invalid_tool_call(name=None, args=body, id=id, error=error)
     name = value["name"]
     args = value.get("arguments", value.get("parameters", {}))
     if isinstance(args, str):
@@ -72,11 +83,11 @@ def parse_call(body: str, names: Iterable[str]) -> ToolCall | InvalidToolCall:
             pass
     if not isinstance(args, dict):
         error = "arguments must be a JSON object"
-        return invalid_tool_call(name=name, args=json.dumps(args), id=new_id(), error=error)
+        return invalid_tool_call(name=name, args=json.dumps(args), id=id, error=error)
     if name not in names:
         error = f"unknown tool {name!r} (bound: {', '.join(sorted(names)) or 'none'})"
-        return invalid_tool_call(name=name, args=json.dumps(args), id=new_id(), error=error)
-    return tool_call(name=name, args=args, id=new_id())
+        return invalid_tool_call(name=name, args=json.dumps(args), id=id, error=error)
+    return tool_call(name=name, args=args, id=id)
 
 
 def _name_in(body: str) -> str | None:
@@ -105,11 +116,17 @@ def bare_calls(text: str, names: Iterable[str]) -> list[ToolCall | InvalidToolCa
 
 @dataclass
 class Event:
-    """What the splitter found: text to show, or a complete tool call (valid or not)."""
+    """What the splitter found: text to show; a call begun (`name` and `id`: its arguments
+    follow as `args` pieces); or a complete call, valid or not (`call`, and `streamed`: the
+    arguments sent in pieces before, None if none were). A call's events share its `index`."""
 
     text: str = ""
     call: ToolCall | InvalidToolCall | None = None
     index: int = 0
+    name: str | None = None
+    id: str | None = None
+    args: str | None = None
+    streamed: str | None = None
 
 
 @dataclass
@@ -118,8 +135,11 @@ class ToolSplitter:
 
     Text outside calls streams at once, except what could be the start of a `<tool_call>` tag
     and trailing whitespace (dropped before a call and at the end of a reply with calls, as the
-    template renders it). A reply that starts with `{` or a code fence is held to the end: it
-    may be a bare JSON call. `parse=False` (tool_choice "none"): everything is text.
+    template renders it). A call of a bound tool written as the template writes it
+    (`{"name": ..., "arguments": {`) begins once its name is written, and its arguments' object
+    streams as it decodes; any other call comes whole when it ends. A reply that starts with `{`
+    or a code fence is held to the end: it may be a bare JSON call. `parse=False` (tool_choice
+    "none"): everything is text.
     """
 
     names: Sequence[str]
@@ -129,6 +149,9 @@ class ToolSplitter:
     _state: str = "start"  # start | text | call | bare
     _calls: int = 0
     _shown: bool = field(default=False)
+    # The call being written: None (not begun), False (not streamed) or {name, id, at, sent}:
+    # where its arguments start in the body and how many characters of them were sent.
+    _live: dict | bool | None = None
 
     def feed(self, delta: str) -> list[Event]:
         self._buffer += delta
@@ -161,7 +184,10 @@ class ToolSplitter:
             if self._state == "call":
                 end = self._buffer.find(CLOSE)
                 if end < 0:
+                    keep = _partial_tail(self._buffer, CLOSE)
+                    self._stream(self._buffer[: len(self._buffer) - keep], events)
                     return events
+                self._stream(self._buffer[:end], events)
                 events.append(self._call(self._buffer[:end]))
                 self._buffer = self._buffer[end + len(CLOSE) :]
                 self._state = "text"
@@ -176,8 +202,36 @@ class ToolSplitter:
             self._shown = True
         self._held_ws += text[len(body) :]
 
+    def _stream(self, body: str, events: list[Event]) -> None:
+        """The begun call's name once written, then its arguments as far as written (up to
+        where their object ends: the body's own closing brace is not theirs)."""
+        if self._live is None:
+            head = HEAD.match(body)
+            if head is None:
+                return
+            name = _string(head.group(1))
+            if name not in self.names:  # an unknown tool: the invalid call comes whole
+                self._live = False
+                return
+            self._live = {"name": name, "id": new_id(), "at": head.end(), "sent": 0}
+            events.append(Event(name=name, id=self._live["id"], index=self._calls))
+        if not self._live:
+            return
+        args = body[self._live["at"] :]
+        end = object_end(args)
+        upto = len(args) if end is None else end
+        if upto > self._live["sent"]:
+            events.append(Event(args=args[self._live["sent"] : upto], index=self._calls))
+            self._live["sent"] = upto
+
     def _call(self, body: str) -> Event:
-        event = Event(call=parse_call(body, self.names), index=self._calls)
+        live, self._live = self._live or None, None
+        if live is None:
+            event = Event(call=parse_call(body, self.names), index=self._calls)
+        else:
+            call = parse_call(body, self.names, id=live["id"])
+            streamed = body[live["at"] : live["at"] + live["sent"]]
+            event = Event(call=call, index=self._calls, name=live["name"], streamed=streamed)
         self._calls += 1
         return event
 
@@ -195,6 +249,7 @@ class ToolSplitter:
             self._state = "text"  # the held reply was text after all
             events.extend(self._drain())
         if self._state == "call":  # an unterminated call: what the model wrote of it
+            self._stream(self._buffer, events)
             events.append(self._call(self._buffer))
         elif self._buffer:
             self._text(self._buffer, events)
@@ -203,6 +258,65 @@ class ToolSplitter:
             events.append(Event(text=self._held_ws))
         self._held_ws = ""
         return events
+
+
+def _string(escaped: str) -> str:
+    """A JSON string's contents (between its quotes) as text."""
+    try:
+        return json.loads(f'"{escaped}"')
+    except json.JSONDecodeError:
+        return escaped
+
+
+def closing_args(call: ToolCall | InvalidToolCall, streamed: str, name: str) -> str:
+    """What to send after a call's `streamed` arguments so that LangChain's sum of the chunks
+    reads the call as `invoke` does: nothing when they are the call's; else (the call turned
+    out invalid: cut short, malformed) a tail LangChain reads as malformed. Its reading is
+    lenient (`parse_partial_json` closes what is left open), but a closing bracket that does
+    not match fails it, and the call is then invalid there too."""
+    if call["type"] == "tool_call" and call["name"] == name:
+        try:
+            if json.loads(streamed) == call["args"]:
+                return ""
+        except json.JSONDecodeError:
+            pass
+    in_string, escaped, stack = False, False, []  # as parse_partial_json reads them
+    for ch in streamed:
+        if in_string:
+            if ch == '"' and not escaped:
+                in_string = False
+            elif ch == "\\":
+                escaped = not escaped
+            else:
+                escaped = False
+        elif ch == '"':
+            in_string, escaped = True, False
+        elif ch in "{[":
+            stack.append("}" if ch == "{" else "]")
+        elif ch in "}]" and stack and stack[-1] == ch:
+            stack.pop()
+    tail = (("n" if escaped else "") + '"') if in_string else ""
+    return tail + ("}" if stack and stack[-1] == "]" else "]")
+
+
+def call_chunks(event: Event) -> list[ToolCallChunk]:
+    """The tool-call chunks a call's event streams as (LangChain sums those of one `index` into
+    the call): its name and id once begun; each piece of its arguments; at its end, what makes
+    the sum read as `invoke`'s call: nothing after pieces that say it all, `closing_args` after
+    those of a call that turned out invalid, or the whole call where none were streamed (an
+    invalid one's args as a JSON string, which the sum also reads as invalid: LangChain parses
+    args leniently)."""
+    index, call = event.index, event.call
+    if call is None:
+        if event.name is not None:
+            return [tool_call_chunk(name=event.name, args="", id=event.id, index=index)]
+        return [tool_call_chunk(name=None, args=event.args, id=None, index=index)]
+    if event.streamed is not None:
+        tail = closing_args(call, event.streamed, event.name)
+        return [tool_call_chunk(name=None, args=tail, id=None, index=index)] if tail else []
+    whole = call["args"] if call["type"] == "tool_call" else call.get("args") or ""
+    args = json.dumps(whole, ensure_ascii=False)
+    return [tool_call_chunk(name=call.get("name"), args=args, id=call.get("id"), index=index)]
 
 
 def _partial_tail(text: str, tag: str) -> int:
@@ -252,43 +366,24 @@ class CallCloser:
 def object_end(text: str) -> int | None:
     """Where the JSON object `text` starts with (after whitespace) ends; None while it is open,
     -1 if `text` does not start with one."""
-    i = len(text) - len(text.lstrip())
-    if i == len(text):
-        return None
-    if text[i] != "{":
-        return -1
-    depth, in_string, escaped = 0, False, False
-    for j in range(i, len(text)):
-        ch = text[j]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return j + 1
-    return None
+    found = scan(text)
+    return found.end if found.ok else -1
 
 
 class CallGrammar:
     """`Sampling.allowed` for replies that call tools: a forced call's name from the bound ones
-    (`NameTrie`); once a call's JSON object is complete, nothing but its closing
-    `\n</tool_call>`; after a call, another call or the end (`single`, a forced call: the end);
-    a call that does not start with an object is closed at once. The 0.5B model otherwise ends
-    at the object without closing it, or rambles on after the call."""
+    (`NameTrie`); a bound tool's arguments an object (` {`) whose keys and listed values are its
+    parameters' (`args`: a `JsonGrammar` per tool name), closed by the call's `}`; once a call's
+    JSON object is complete, nothing but its closing `\n</tool_call>`; after a call, another
+    call or the end (`single`, a forced call: the end); a call that does not start with an
+    object is closed at once. The 0.5B model otherwise ends at the object without closing it,
+    or rambles on after the call."""
 
     def __init__(self, tokenizer, open_id: int, close_id: int, eos: Iterable[int], *,
                  head: str = "", names: NameTrie | None = None, single: bool = False,
-                 ) -> None:  # fmt: skip
+                 args: dict[str, JsonGrammar] | None = None) -> None:  # fmt: skip
         self.tokenizer, self.head, self.names, self.single = tokenizer, head, names, single
+        self.args = args or {}
         self.open_id, self.close_id, self.eos = open_id, close_id, sorted(eos)
         self.tail = "\n" + CLOSE
         self.newline = tokenizer("\n", add_special_tokens=False).input_ids[:1]
@@ -310,14 +405,30 @@ class CallGrammar:
             return [self.open_id] if after == "\n" else None
         body = text[at + len(OPEN) :]
         end = object_end(body)
-        if end is None:
-            return None  # the object is still being written
+        if end is None:  # the object is still being written
+            return self._arguments(body)
         if end < 0:
             return [self.close_id]  # no object: close the (invalid) call now
         rest = body[end:]
         if rest and self.tail.startswith(rest) and rest != self.tail:
-            ids = self.tokenizer(self.tail[len(rest) :], add_special_tokens=False).input_ids
-            return ids[:1]
+            return self._first(self.tail[len(rest) :])
         if not rest:
-            return self.tokenizer(self.tail, add_special_tokens=False).input_ids[:1]
+            return self._first(self.tail)
         return [self.close_id]
+
+    def _arguments(self, body: str) -> list[int] | None:
+        """While a call of a bound tool is open: its arguments as its schema constrains them."""
+        named = NAMED.match(body)
+        grammar = self.args.get(_string(named.group(1))) if named else None
+        if grammar is None:
+            return None
+        args = body[named.end() :]
+        if not args.strip():  # the template's ` {`, with the first key
+            return grammar.first_ids(grammar.opening("" if args else " "))
+        found = scan(args)
+        if found.ok and found.end is not None and not args[found.end :]:
+            return self._first("}")  # the arguments are complete: the call's object closes
+        return grammar.inside(found)
+
+    def _first(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids[:1]

@@ -8,11 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import json
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
@@ -22,23 +21,22 @@ from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
-from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import ensure_config
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from agentmem import MemoryConfig, Sampling
-from langchain_agentmem import _engine, _render, _tools
+from agentmem import MemoryConfig
+from langchain_agentmem import _decoding, _engine, _render, _structured, _tools
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 DEFAULT_MAX_TOKENS = 512
 # What a call (or `bind`) may pass besides messages and stop.
 CALL_KWARGS = frozenset(
     {"tools", "tool_choice", "session_id", "tenant", "model", "temperature", "top_p", "top_k",
-     "seed", "max_tokens", "config_thread_id"}
+     "seed", "max_tokens", "response_format", "config_thread_id"}
 )  # fmt: skip
 
 
@@ -55,6 +53,7 @@ class _Call:
     tenant: str
     max_tokens: int
     sampling: dict = field(default_factory=dict)
+    json: _structured.JsonFormat | None = None  # the reply made one JSON object
 
 
 class ChatAgentMem(BaseChatModel):
@@ -113,6 +112,20 @@ class ChatAgentMem(BaseChatModel):
         reply = llm.bind_tools([get_weather], tool_choice="get_weather").invoke("Paris?")
         reply.tool_calls  # [{"name": "get_weather", "args": {"city": "Paris"}, ...}]
         ```
+
+    Structured output (`method` "function_calling", the default: a forced tool call;
+    "json_schema": a JSON object with the schema's keys; "json_mode": any JSON object; each
+    enforced while the reply decodes):
+        ```python
+        class Person(BaseModel):
+            name: str
+            age: int
+
+        llm.with_structured_output(Person, method="json_schema").invoke("Alice is 30.")
+        ```
+
+    JSON replies without a schema: `llm.bind(response_format={"type": "json_object"})`, or
+    `{"type": "json_schema", "json_schema": {"schema": {...}}}` (OpenAI's shapes).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
@@ -217,6 +230,74 @@ class ChatAgentMem(BaseChatModel):
         _tools.chosen_tool(tool_choice, [t["function"]["name"] for t in formatted])
         return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
 
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type | None = None,
+        *,
+        method: Literal["function_calling", "json_schema", "json_mode"] = "function_calling",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict[str, Any] | BaseModel]:
+        """A runnable whose replies are parsed into `schema`.
+
+        Args:
+            schema: A pydantic class (replies become its instances, validated by it), a
+                `TypedDict` class, a JSON schema or an OpenAI tool schema (replies become dicts,
+                checked for the schema's required keys and the JSON types of its top-level
+                properties). Only `method="json_mode"` may leave it None (any JSON object).
+            method: How the reply is made to fit, each enforced while it decodes:
+
+                - `"function_calling"`: the schema is bound as the one tool and its call is
+                  forced (`bind_tools(..., tool_choice="any")`); the call's arguments are
+                  parsed.
+                - `"json_schema"`: the reply is one JSON object (it starts with `{` and ends
+                  where the object closes) whose top-level keys are the schema's properties,
+                  and whose enum, const and boolean properties take their listed values; the
+                  schema is given to the model in a system instruction after the history.
+                - `"json_mode"`: the reply is one JSON object, its keys free; the prompt
+                  says which (the schema, if any, only parses the reply).
+            include_raw: If False, the parsed reply is returned and a parsing failure raises
+                (`OutputParserException` for the JSON methods; pydantic's `ValidationError`
+                for function calling, as LangChain's default does). If True, a dict with keys
+                `raw` (the `AIMessage`), `parsed` (None on failure) and `parsing_error`.
+            strict: Accepted for LangChain's interface; the constraints above apply whatever
+                its value.
+            kwargs: None are taken.
+
+        Returns:
+            A runnable taking what the chat model takes and returning the parsed reply (a
+            pydantic instance or a dict), or the `include_raw` dict. Streamed, the JSON methods
+            yield the object as far as decoded (a pydantic one once it validates).
+
+        Example:
+            ```python
+            from pydantic import BaseModel
+
+
+            class Person(BaseModel):
+                name: str
+                age: int
+
+
+            structured = ChatAgentMem().with_structured_output(Person, method="json_schema")
+            structured.invoke("Alice is 30 years old.")  # Person(name='Alice', age=30)
+            ```
+        """
+        if kwargs:
+            raise ValueError(f"with_structured_output got unsupported arguments {sorted(kwargs)}")
+        if method not in _structured.METHODS:
+            raise ValueError(
+                f"method must be one of {', '.join(_structured.METHODS)}, got {method!r}"
+            )
+        if strict is not None and not isinstance(strict, bool):
+            raise ValueError(f"strict must be True, False or None, got {strict!r}")
+        if method == "function_calling":
+            if schema is None:
+                raise ValueError('method="function_calling" needs a schema to bind as a tool')
+            return super().with_structured_output(schema, include_raw=include_raw)
+        return _structured.json_output(self, schema, method=method, include_raw=include_raw)
+
     # -- calls -----------------------------------------------------------------------------------
 
     def _call(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict,
@@ -236,6 +317,12 @@ class ChatAgentMem(BaseChatModel):
         choice = kwargs.get("tool_choice")
         if not tools and choice not in (None, "auto", "none"):
             raise ValueError(f"tool_choice {choice!r} needs tools: use bind_tools(tools, ...)")
+        json_format = _structured.json_format(kwargs.get("response_format"))
+        if json_format is not None and tools:
+            raise ValueError(
+                "ChatAgentMem replies in JSON (response_format) or with tool calls, not both: "
+                "bind only one of them"
+            )
         max_tokens = kwargs.get("max_tokens", self.max_tokens)
         max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
@@ -249,6 +336,7 @@ class ChatAgentMem(BaseChatModel):
             stop=tuple(stop if stop is not None else self.stop or ()), tools=tools,
             tool_choice=choice, session_id=None if session_id is None else str(session_id),
             tenant=kwargs.get("tenant") or self.tenant, max_tokens=max_tokens, sampling=sampling,
+            json=json_format,
         )  # fmt: skip
 
     def _events(self, call: _Call, cancel: threading.Event | None = None):
@@ -256,40 +344,15 @@ class ChatAgentMem(BaseChatModel):
         lm = _engine.language_model(call.model)
         tok = lm.tokenizer
         names = [t["function"]["name"] for t in call.tools]
+        messages = _render.template_messages(call.messages)
+        if call.json is not None:  # right before the reply, after the history it continues
+            messages.append({"role": "system", "content": _structured.instruction(call.json)})
+        pieces = _render.pieces(tok, messages, call.tools)
         choice = _tools.chosen_tool(call.tool_choice, names) if call.tools else "auto"
-        pieces = _render.pieces(tok, _render.template_messages(call.messages), call.tools)
-        forced, allowed, banned = "", None, frozenset()
-        if call.tools and choice not in ("auto", "none"):
-            if not _tools.hermes_template(tok):
-                raise ValueError(
-                    f"tool_choice {call.tool_choice!r} is enforced for chat templates that call "
-                    f"tools in {_tools.OPEN} tags (Qwen, Hermes); {call.model!r}'s does not"
-                )
-            if choice != "any" or len(names) == 1:
-                name = names[0] if choice == "any" else choice
-                forced = _tools.CALL_HEAD + name + _tools.NAME_TAIL
-                if not _parameters(call.tools[names.index(name)]):  # nothing to write but {}
-                    forced += " {}}\n" + _tools.CLOSE
-            else:
-                forced, allowed = _tools.CALL_HEAD, _tools.NameTrie(tok, names)
-        forbid = None
-        if call.tools and _tools.hermes_template(tok):
-            tag = tok(_tools.OPEN, add_special_tokens=False).input_ids
-            close = tok(_tools.CLOSE, add_special_tokens=False).input_ids
-            if choice == "none" and len(tag) == 1:
-                banned = frozenset(tag)
-            elif len(tag) == len(close) == 1:  # a call the reply opens is closed before it ends
-                eos = _engine.eos_ids(lm)
-                forbid = _tools.CallCloser(tag[0], close[0], eos, open=_tools.is_open(forced))
-                allowed = _tools.CallGrammar(
-                    tok, tag[0], close[0], eos, head=forced, names=allowed, single=bool(forced)
-                )
-        s = call.sampling
-        sampling = Sampling(
-            temperature=float(s["temperature"] or 0.0), top_p=1.0 if s["top_p"] is None else
-            float(s["top_p"]), top_k=int(s["top_k"] or 0), seed=s["seed"], banned=banned,
-            allowed=allowed, forbid=forbid,
-        )  # fmt: skip
+        forced, constraints = _decoding.constraints(
+            lm, call.tools, call.tool_choice, choice, call.json, model=call.model
+        )
+        sampling = _decoding.sampling(call.sampling, constraints)
         request = _engine.Request(
             pieces=pieces, forced=forced, max_new_tokens=call.max_tokens, sampling=sampling,
             stop=call.stop, memory=self.memory,
@@ -328,7 +391,7 @@ class ChatAgentMem(BaseChatModel):
                 outcome = item
             elif item.call is not None:
                 (calls if item.call["type"] == "tool_call" else invalid).append(item.call)
-            else:
+            else:  # text (a call's head and arguments come whole in its `call`)
                 text.append(item.text)
         message = AIMessage(
             content="".join(text), tool_calls=calls, invalid_tool_calls=invalid,
@@ -346,13 +409,15 @@ class ChatAgentMem(BaseChatModel):
                     **self._finish(call, item, called),
                 )  # fmt: skip
                 yield ChatGenerationChunk(message=last)
-            elif item.call is not None:
-                called = called or item.call["type"] == "tool_call"
-                ids.append(item.call["id"])
-                yield ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=[
-                    _call_chunk(item.call, item.index)]))  # fmt: skip
-            else:
+            elif item.call is None and item.name is None and item.args is None:
                 yield ChatGenerationChunk(message=AIMessageChunk(content=item.text))
+            else:  # a call begun, a piece of its arguments, or its end
+                if item.call is not None:
+                    called = called or item.call["type"] == "tool_call"
+                    ids.append(item.call["id"])
+                for piece in _tools.call_chunks(item):
+                    chunk = AIMessageChunk(content="", tool_call_chunks=[piece])
+                    yield ChatGenerationChunk(message=chunk)
 
     def _generate(
         self,
@@ -441,11 +506,6 @@ def _thread_of(config: RunnableConfig | None, kwargs: dict) -> dict:
     return {**kwargs, "config_thread_id": str(thread)}
 
 
-def _parameters(tool: dict) -> dict:
-    """The properties an OpenAI-format tool's arguments have."""
-    return (tool.get("function", {}).get("parameters") or {}).get("properties") or {}
-
-
 def _as_written(outcome: _engine.Outcome, call_ids: list[str]) -> dict:
     """A reply with calls in the template's tags keeps the text they were parsed from, so that
     the history it goes back in renders the way the session's memory holds it (`_render`), not
@@ -455,16 +515,6 @@ def _as_written(outcome: _engine.Outcome, call_ids: list[str]) -> dict:
     if not call_ids or _tools.OPEN not in outcome.text:
         return {}
     return {"agentmem": {"text": outcome.text, "tool_call_ids": call_ids}}
-
-
-def _call_chunk(call: dict, index: int):
-    """A streamed tool call. An invalid one's args go as a JSON string, so that LangChain's
-    aggregate of the chunks marks it invalid as `invoke` does (it parses args leniently)."""
-    if call["type"] == "tool_call":
-        args = json.dumps(call["args"], ensure_ascii=False)
-    else:
-        args = json.dumps(call.get("args") or "", ensure_ascii=False)
-    return tool_call_chunk(name=call.get("name"), args=args, id=call.get("id"), index=index)
 
 
 __all__ = ["ChatAgentMem"]

@@ -15,3 +15,7 @@ class TestChatAgentMemUnit(ChatModelUnitTests):
     @property
     def chat_model_params(self) -> dict:
         return {"model": tiny_models.model_dir(), "temperature": 0}
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True

@@ -5,10 +5,18 @@ and `tool_choice` enforced by the decoded prefix."""
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import pytest
 from langchain_agentmem import ChatAgentMem, _engine, _render
-from langchain_agentmem._tools import OPEN, NameTrie, ToolSplitter, bare_calls, parse_call
+from langchain_agentmem._tools import (
+    OPEN,
+    NameTrie,
+    ToolSplitter,
+    bare_calls,
+    closing_args,
+    parse_call,
+)
 from langchain_core.messages import HumanMessage
 from langchain_core.tools import tool
 from pydantic import BaseModel, Field
@@ -277,3 +285,78 @@ def test_a_forced_tool_without_parameters_is_called_with_empty_arguments(llm):
         reply = llm.bind_tools([magic_time], tool_choice=choice).invoke("What time is it?")
         assert [(c["name"], c["args"]) for c in reply.tool_calls] == [("magic_time", {})]
         assert reply.usage_metadata["output_tokens"] == 1  # nothing left but the end
+
+
+# -- tool calls streamed as they decode ----------------------------------------------------------
+
+
+@tool
+def set_light(room: Literal["kitchen", "hall"], on: bool) -> str:
+    """Switch the light of a room on or off."""
+    return "done"
+
+
+def test_a_call_streams_its_name_then_its_arguments_as_they_decode():
+    text = 'Sure.\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+    splitter = ToolSplitter(NAMES)
+    events = [e for ch in text for e in splitter.feed(ch)] + splitter.finish()
+    at = next(i for i, e in enumerate(events) if e.name is not None)
+    assert "".join(e.text for e in events[:at]) == "Sure."  # streamed as text, before the call
+    begun = events[at]
+    assert (begun.name, begun.index, begun.call) == ("add", 0, None) and begun.id
+    pieces = [e.args for e in events[at + 1 : -1]]
+    assert len(pieces) > 5 and "".join(pieces) == '{"a": 1, "b": 2}'  # not the call's own `}`
+    done = events[-1]
+    assert done.call["args"] == {"a": 1, "b": 2} and done.call["id"] == begun.id
+    assert done.streamed == '{"a": 1, "b": 2}'
+    assert closing_args(done.call, done.streamed, "add") == ""  # the pieces say it all
+
+
+def test_a_call_of_an_unknown_tool_or_without_an_object_comes_whole():
+    for body in ('{"name": "send", "arguments": {"to": "x"}}', '{"name": "add", "arguments": 3}'):
+        splitter = ToolSplitter(NAMES)
+        events = [e for ch in f"{OPEN}\n{body}\n</tool_call>" for e in splitter.feed(ch)]
+        assert [e.call["type"] for e in events] == ["invalid_tool_call"]
+        assert events[0].streamed is None
+
+
+def sum_chunks(chunks):
+    whole = chunks[0]
+    for chunk in chunks[1:]:
+        whole += chunk
+    return whole
+
+
+@pytest.mark.parametrize("choice", ["set_light", "any", "auto"])
+def test_streamed_call_chunks_come_in_pieces_and_sum_to_the_invoked_call(llm, choice):
+    bound = llm.bind_tools([set_light, add], tool_choice=choice)
+    asked = "Switch on the kitchen light."
+    invoked = bound.invoke(asked, max_tokens=40)
+    chunks = list(bound.stream(asked, max_tokens=40))
+    pieces = [p for c in chunks for p in c.tool_call_chunks]
+    if choice == "auto" and not invoked.tool_calls:  # the tiny model chose text: text it is
+        assert not pieces and sum_chunks(chunks).content == invoked.content
+        return
+    first, *rest = pieces
+    assert first["name"] == "set_light" and first["id"] and first["args"] == ""
+    assert len(rest) > 5  # the arguments, a piece per token or so
+    assert all(p["name"] is None and p["id"] is None for p in rest)
+    assert {p["index"] for p in pieces} == {0}  # one call: LangChain merges them by index
+    whole = sum_chunks(chunks)
+    (call,) = whole.tool_calls
+    assert call["id"] == first["id"] and not whole.invalid_tool_calls
+    assert [(c["name"], c["args"]) for c in invoked.tool_calls] == [(call["name"], call["args"])]
+    assert call["args"]["room"] in ("kitchen", "hall") and isinstance(call["args"]["on"], bool)
+    assert whole.content == invoked.content
+
+
+def test_a_streamed_call_cut_short_is_invalid_in_the_sum_as_in_invoke(llm):
+    bound = llm.bind_tools([set_light], tool_choice="set_light")
+    invoked = bound.invoke("Light?", max_tokens=6)  # cut inside the arguments
+    assert not invoked.tool_calls and invoked.invalid_tool_calls
+    chunks = list(bound.stream("Light?", max_tokens=6))
+    streamed = "".join(p["args"] for c in chunks[:-2] for p in c.tool_call_chunks)
+    assert streamed.startswith("{")  # the arguments streamed as they decoded...
+    whole = sum_chunks(chunks)
+    assert not whole.tool_calls  # ...and LangChain, which would close them, reads them invalid
+    assert [c["name"] for c in whole.invalid_tool_calls] == ["set_light"]

@@ -1,0 +1,69 @@
+"""What a reply is made to be while it decodes: the text it is forced to start with and the
+`Sampling` constraints after it (a JSON object, or the calls `tool_choice` forces), with the
+call's sampling settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agentmem import Sampling
+from langchain_agentmem import _engine, _structured, _tools
+from langchain_agentmem._json import JsonGrammar
+from langchain_agentmem._structured import JsonFormat
+
+
+def constraints(lm, tools: list[dict], tool_choice: Any, choice: str,
+                json_format: JsonFormat | None, *, model: str) -> tuple[str, dict]:  # fmt: skip
+    """The forced head of a call's reply and its `Sampling` constraints (`allowed`, `banned`,
+    `forbid`): a JSON object (`json_format`, from `response_format`), or what `tool_choice`
+    (`choice` as `_tools.chosen_tool` reads it) forces of calls to `tools`."""
+    tok = lm.tokenizer
+    if json_format is not None:
+        grammar = _structured.grammar(tok, _engine.eos_ids(lm), json_format)
+        return "", {"allowed": grammar, "forbid": grammar.forbid}
+    names = [t["function"]["name"] for t in tools]
+    forced, allowed, banned, forbid = "", None, frozenset(), None
+    if tools and choice not in ("auto", "none"):
+        if not _tools.hermes_template(tok):
+            raise ValueError(
+                f"tool_choice {tool_choice!r} is enforced for chat templates that call "
+                f"tools in {_tools.OPEN} tags (Qwen, Hermes); {model!r}'s does not"
+            )
+        if choice != "any" or len(names) == 1:
+            name = names[0] if choice == "any" else choice
+            forced = _tools.CALL_HEAD + name + _tools.NAME_TAIL
+            if not _parameters(tools[names.index(name)]):  # nothing to write but {}
+                forced += " {}}\n" + _tools.CLOSE
+        else:
+            forced, allowed = _tools.CALL_HEAD, _tools.NameTrie(tok, names)
+    if tools and _tools.hermes_template(tok):
+        tag = tok(_tools.OPEN, add_special_tokens=False).input_ids
+        close = tok(_tools.CLOSE, add_special_tokens=False).input_ids
+        if choice == "none" and len(tag) == 1:
+            banned = frozenset(tag)
+        elif len(tag) == len(close) == 1:  # a call the reply opens is closed before it ends
+            eos = _engine.eos_ids(lm)
+            forbid = _tools.CallCloser(tag[0], close[0], eos, open=_tools.is_open(forced))
+            args = {
+                t["function"]["name"]: JsonGrammar(tok, schema=t["function"].get("parameters"))
+                for t in tools
+            }
+            allowed = _tools.CallGrammar(
+                tok, tag[0], close[0], eos, head=forced, names=allowed, single=bool(forced),
+                args=args,
+            )  # fmt: skip
+    return forced, {"allowed": allowed, "banned": banned, "forbid": forbid}
+
+
+def sampling(settings: dict, constraints: dict) -> Sampling:
+    """A call's temperature, top_p, top_k and seed (None: the defaults) with its constraints."""
+    top_p = settings["top_p"]
+    return Sampling(
+        temperature=float(settings["temperature"] or 0.0), top_p=1.0 if top_p is None else
+        float(top_p), top_k=int(settings["top_k"] or 0), seed=settings["seed"], **constraints,
+    )  # fmt: skip
+
+
+def _parameters(tool: dict) -> dict:
+    """The properties an OpenAI-format tool's arguments have."""
+    return (tool.get("function", {}).get("parameters") or {}).get("properties") or {}
