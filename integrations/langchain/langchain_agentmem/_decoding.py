@@ -13,10 +13,13 @@ from langchain_agentmem._structured import JsonFormat
 
 
 def constraints(lm, tools: list[dict], tool_choice: Any, choice: str,
-                json_format: JsonFormat | None, *, model: str) -> tuple[str, dict]:  # fmt: skip
+                json_format: JsonFormat | None, *, model: str,
+                answering: bool = False) -> tuple[str, dict]:  # fmt: skip
     """The forced head of a call's reply and its `Sampling` constraints (`allowed`, `banned`,
     `forbid`): a JSON object (`json_format`, from `response_format`), or what `tool_choice`
-    (`choice` as `_tools.chosen_tool` reads it) forces of calls to `tools`."""
+    (`choice` as `_tools.chosen_tool` reads it) forces of calls to `tools`. `answering`: the
+    reply follows a tool's result, and may not open with a bare JSON call (another call is
+    written in its tags): the 0.5B model, shown its call, repeats it bare instead of answering."""
     tok = lm.tokenizer
     if json_format is not None:
         grammar = _structured.grammar(tok, _engine.eos_ids(lm), json_format)
@@ -40,10 +43,16 @@ def constraints(lm, tools: list[dict], tool_choice: Any, choice: str,
         tag = tok(_tools.OPEN, add_special_tokens=False).input_ids
         close = tok(_tools.CLOSE, add_special_tokens=False).input_ids
         if choice == "none" and len(tag) == 1:
-            banned = frozenset(tag)
+            banned = frozenset(tag)  # nor a bare call: the tag never opens, only openers apply
+            forbid = _tools.CallCloser(
+                tag[0], tag[0], (), open=False, openers=_tools.bare_call_openers(tok)
+            )
         elif len(tag) == len(close) == 1:  # a call the reply opens is closed before it ends
             eos = _engine.eos_ids(lm)
-            forbid = _tools.CallCloser(tag[0], close[0], eos, open=_tools.is_open(forced))
+            openers = _tools.bare_call_openers(tok) if answering else frozenset()
+            forbid = _tools.CallCloser(
+                tag[0], close[0], eos, open=_tools.is_open(forced), openers=openers
+            )
             args = {
                 t["function"]["name"]: JsonGrammar(tok, schema=t["function"].get("parameters"))
                 for t in tools

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -352,15 +353,36 @@ def is_open(text: str) -> bool:
 class CallCloser:
     """`Sampling.forbid`: no end of sequence while a `<tool_call>` the reply opened (or its forced
     head did) is not closed; a small model otherwise ends right after the JSON, and reading its
-    unclosed call back it calls again instead of answering."""
+    unclosed call back it calls again instead of answering. With `openers`, the reply may not
+    open with them either (`bare_call_openers`: a bare or fenced JSON call)."""
 
-    def __init__(self, open_id: int, close_id: int, eos: Iterable[int], *, open: bool) -> None:
+    def __init__(self, open_id: int, close_id: int, eos: Iterable[int], *, open: bool,
+                 openers: frozenset[int] = frozenset()) -> None:  # fmt: skip
         self.open_id, self.close_id, self.eos = open_id, close_id, tuple(eos)
         self.opened = int(open)
+        self.openers = tuple(openers)
 
     def __call__(self, generated: list[int]) -> tuple[int, ...]:
+        if not generated and not self.opened:
+            return self.openers
         depth = self.opened + generated.count(self.open_id) - generated.count(self.close_id)
         return self.eos if depth > 0 else ()
+
+
+_openers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def bare_call_openers(tokenizer) -> frozenset[int]:
+    """The ids of tokens that open a bare or fenced JSON object (`{`, ` {`, ```` ``` ````...). The
+    0.5B model often writes its calls that way; rendered back through the template as proper
+    calls, the next turn's history no longer matches memory (a new branch), and the model, shown
+    its call in tags, repeats it as bare JSON instead of answering. Computed once a tokenizer."""
+    if tokenizer not in _openers:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        _openers[tokenizer] = frozenset(
+            i for i, text in enumerate(texts) if text.lstrip().startswith(("{", "`"))
+        )
+    return _openers[tokenizer]
 
 
 def object_end(text: str) -> int | None:

@@ -349,9 +349,11 @@ class ChatAgentMem(BaseChatModel):
             messages.append({"role": "system", "content": _structured.instruction(call.json)})
         pieces = _render.pieces(tok, messages, call.tools)
         choice = _tools.chosen_tool(call.tool_choice, names) if call.tools else "auto"
+        answering = bool(messages) and messages[-1]["role"] == "tool"  # a tool's result is last
         forced, constraints = _decoding.constraints(
-            lm, call.tools, call.tool_choice, choice, call.json, model=call.model
-        )
+            lm, call.tools, call.tool_choice, choice, call.json, model=call.model,
+            answering=answering,
+        )  # fmt: skip
         sampling = _decoding.sampling(call.sampling, constraints)
         request = _engine.Request(
             pieces=pieces, forced=forced, max_new_tokens=call.max_tokens, sampling=sampling,

@@ -25,8 +25,10 @@ def get_weather(city: str) -> str:
 def test_a_react_agent_calls_its_tool_and_its_thread_is_the_stored_session(tmp_path):
     store = agentmem.Store(root=tmp_path)
     agent = create_agent(
-        ChatAgentMem(store=store, max_tokens=64), [get_weather], checkpointer=InMemorySaver()
-    )
+        ChatAgentMem(store=store, max_tokens=64), [get_weather], checkpointer=InMemorySaver(),
+        system_prompt="You are a helpful assistant. Call a tool when you need facts; once you "
+        "have a tool's result, answer the user in one sentence.",
+    )  # fmt: skip
     config = {"configurable": {"thread_id": "trip-1"}}
     out = agent.invoke({"messages": [("user", "What's the weather in Paris?")]}, config)
     kinds = [m.type for m in out["messages"]]

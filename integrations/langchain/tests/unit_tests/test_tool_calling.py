@@ -13,6 +13,7 @@ from langchain_agentmem._tools import (
     OPEN,
     NameTrie,
     ToolSplitter,
+    bare_call_openers,
     bare_calls,
     closing_args,
     parse_call,
@@ -185,6 +186,22 @@ def test_tool_choice_none_never_decodes_the_call_tag(llm, tiny_model_dir):
             "call a tool", temperature=3.0, top_k=0, seed=seed, max_tokens=24
         )
         assert OPEN not in reply.content and not reply.tool_calls
+
+
+@pytest.mark.parametrize("choice", ["auto", "none"])
+def test_a_reply_never_opens_with_bare_json_while_tools_are_bound(llm, tiny_model_dir, choice):
+    """A call is written in its tags (auto) or not at all (none): sampled wildly from a random
+    model, no reply's first token opens a JSON object or a code fence."""
+    tok = _engine.language_model(tiny_model_dir).tokenizer
+    openers = bare_call_openers(tok)
+    assert tok("{", add_special_tokens=False).input_ids[0] in openers
+    assert tok("Sure", add_special_tokens=False).input_ids[0] not in openers
+    for seed in range(6):
+        reply = llm.bind_tools(TOOLS, tool_choice=choice).invoke(
+            "call a tool", temperature=5.0, top_k=0, seed=seed, max_tokens=1
+        )
+        written = reply.additional_kwargs.get("agentmem", {}).get("text", reply.content)
+        assert not written.lstrip().startswith(("{", "`")), written
 
 
 def test_streaming_with_tools_yields_text_and_tool_call_chunks(llm):
