@@ -58,7 +58,7 @@ define range_test
 	$(BIN)/python .ci/share.py $(1)
 	printf '%s\n' "$(TORCH)" $(3) > $(1)/constraints.txt
 	$(1)/bin/python -m pip install --quiet --upgrade pip
-	$(1)/bin/python -m pip install --quiet -c $(1)/constraints.txt -e kernels -e ".[$(EXTRAS)]"
+	$(1)/bin/python -m pip install --quiet -c $(1)/constraints.txt -e kernels -e ".[$(EXTRAS)]" $(INTEGRATIONS)
 	$(1)/bin/python .ci/versions.py
 	AGENTMEM_HOME=$(1)/home $(1)/bin/python -m pytest -p no:cacheprovider $(RANGE_TESTS) || { \
 		echo "FAILED on the $(2) releases (kept: $(1)): $$($(1)/bin/python .ci/versions.py)"; exit 1; }
