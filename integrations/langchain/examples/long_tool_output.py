@@ -6,8 +6,11 @@ plain tool-calling loop (call, run the tool, hand back its `ToolMessage`). The m
 at most 2,048 tokens per step (sinks, the units retrieved for the step, the local window): the
 whole log streams into the session once, and the answer is recalled from it. The 0.5B model is
 steered with `tool_choice`: it must call a tool to read the log ("any"), and may not call one
-again when it answers ("none"); the same tools stay bound, so the history renders alike and is
-never prefilled twice.
+again when it answers the question asked after it ("none"); the same tools stay bound, so the
+history renders alike and is never prefilled twice.
+
+With the built-in 0.5B model the answer is not right yet: it writes the tool call again
+(measured twice on 2026-12-01); the reading, the memory and the recall are what this shows.
 
 Run: .venv/bin/python integrations/langchain/examples/long_tool_output.py
 (CPU: several minutes, nearly all of it reading the log once.)
@@ -81,13 +84,13 @@ def main() -> dict:
     print(f"the tool returns {log_tokens:,} tokens; the model attends to {MEMORY.window:,}")
     history = [
         SystemMessage("You are a maintenance assistant. Read logs with your tools."),
-        HumanMessage(f"Read the maintenance log of site B. Then: {QUESTION}"),
+        HumanMessage("Read the maintenance log of site B."),
     ]
     started = time.perf_counter()
     call = llm.bind_tools(tools, tool_choice="any").invoke(history)
     print(f"{time.perf_counter() - started:5.0f} s  the model calls {call.tool_calls}")
     results = [read_maintenance_log.invoke(c) for c in call.tool_calls]  # ToolMessages
-    history += [call, *results]
+    history += [call, *results, HumanMessage(QUESTION)]  # asked once the log is in memory
     answer = llm.bind_tools(tools, tool_choice="none").invoke(history)
     usage = answer.usage_metadata
     print(f"{time.perf_counter() - started:5.0f} s  the answer: {answer.content!r}")
