@@ -115,15 +115,21 @@ def choices(schema: dict, spec: object) -> list[str] | None:
     return [json.dumps(v, ensure_ascii=False) for v in values]
 
 
+def tokens_holding(tokenizer, chars: str) -> tuple[list[int], list[str]]:
+    """The ids of the tokens whose vocabulary piece holds one of `chars`, and their decoded
+    texts: a vocabulary scan that decodes only the few candidates, not every token."""
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    near = [i for i, piece in enumerate(pieces) if piece and any(c in piece for c in chars)]
+    return near, tokenizer.batch_decode([[i] for i in near])
+
+
 def opening_ids(tokenizer) -> list[int]:
     """The ids of the tokens that open an object (`OPENING`), once per tokenizer. The model
     picks its own: forced to a bare `{`, the 0.5B model, which writes `{\n  "a": ...`, wrote
     `{ "a": "...` and repeated itself inside the string to the end of its tokens (measured)."""
     found = _openings.get(tokenizer)
     if found is None:
-        pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-        near = [i for i, piece in enumerate(pieces) if piece and "{" in piece]
-        texts = tokenizer.batch_decode([[i] for i in near])
+        near, texts = tokens_holding(tokenizer, "{")
         found = [i for i, t in zip(near, texts, strict=True) if OPENING.fullmatch(t)]
         _openings[tokenizer] = found
     return found

@@ -16,7 +16,7 @@ from typing import Any
 from langchain_core.messages import InvalidToolCall, ToolCall, ToolCallChunk
 from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
 
-from langchain_agentmem._json import JsonGrammar, scan
+from langchain_agentmem._json import JsonGrammar, scan, tokens_holding
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 # The text a forced call starts with, up to the tool's name (Qwen2.5's template says so).
@@ -378,9 +378,9 @@ def bare_call_openers(tokenizer) -> frozenset[int]:
     calls, the next turn's history no longer matches memory (a new branch), and the model, shown
     its call in tags, repeats it as bare JSON instead of answering. Computed once a tokenizer."""
     if tokenizer not in _openers:
-        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        near, texts = tokens_holding(tokenizer, "{`")
         _openers[tokenizer] = frozenset(
-            i for i, text in enumerate(texts) if text.lstrip().startswith(("{", "`"))
+            i for i, text in zip(near, texts, strict=True) if text.lstrip().startswith(("{", "`"))
         )
     return _openers[tokenizer]
 
