@@ -24,6 +24,21 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
+# Model skill, measured 2026-12-01: shown get_weather's result, the 0.5B model writes the same
+# call again instead of answering, and so does plain transformers `generate` with full attention
+# on the same prompt (and the 1.5B model: '{"name": "get_weather", "arguments": {"city":
+# "Paris"}}'), so it is not agentmem's memory. Banned from opening with a bare call, it writes
+# '({"name": "get_weather", ...'.
+REPEATS = "the 0.5B model (like full attention) writes the tool call again instead of answering"
+
+
+def _answer_or_xfail(reply) -> None:
+    """The reply answers from the tool's result, unless it repeats the call (model skill)."""
+    if reply.tool_calls or "get_weather" in reply.content:
+        pytest.xfail(REPEATS)
+    assert "24" in reply.content or "sunny" in reply.content.lower(), reply.content
+
+
 @pytest.fixture(scope="module")
 def llm() -> ChatAgentMem:
     return ChatAgentMem(max_tokens=64)  # the default model, built in
@@ -39,8 +54,6 @@ def test_a_question_that_needs_a_tool_gets_a_tool_call_then_the_answer(llm):
     result = get_weather.invoke(first.tool_calls[0])  # a ToolMessage
     assert isinstance(result, ToolMessage)
     second = bound.invoke([*asked, first, result], session_id="weather")
-    assert not second.tool_calls
-    assert "24" in second.content or "sunny" in second.content.lower(), second.content
     held = first.usage_metadata["input_tokens"] + first.usage_metadata["output_tokens"]
     usage = second.usage_metadata
     if "agentmem" in first.additional_kwargs:  # the call was written in <tool_call> tags
@@ -48,6 +61,7 @@ def test_a_question_that_needs_a_tool_gets_a_tool_call_then_the_answer(llm):
         assert second.response_metadata["prefilled_tokens"] < 60 < held
     else:  # a bare JSON call: the history renders it as the template's call, a new branch
         assert second.response_metadata["forked"] is True
+    _answer_or_xfail(second)
 
 
 def test_a_forced_call_and_its_result_are_not_prefilled_again(llm):
@@ -65,9 +79,7 @@ def test_a_forced_call_and_its_result_are_not_prefilled_again(llm):
     assert second.usage_metadata["input_token_details"]["cache_read"] == held
     new = second.response_metadata["prefilled_tokens"]
     assert 0 < new < 60 < held  # the tool result's turn only
-    if second.tool_calls:  # measured: it calls get_weather(Rome) again
-        pytest.xfail("the 0.5B model calls the tool again instead of answering from its result")
-    assert "24" in second.content or "sunny" in second.content.lower(), second.content
+    _answer_or_xfail(second)
 
 
 def test_streaming_with_tools_yields_tool_call_chunks(llm):
