@@ -1,12 +1,10 @@
-"""LangChain messages to the model's own chat template: the template's message dicts, and the
-rendered conversation cut into pieces at message boundaries (each piece the text one message
-adds), so that a session can be matched against a re-sent history piece by piece."""
+"""LangChain messages as the chat template's message dicts (OpenAI's shape), which
+`agentmem.chat.render` renders and cuts into pieces."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from langchain_core.messages import (
@@ -21,14 +19,6 @@ from langchain_core.messages import (
 # Content blocks that are not text to render: calls (LangChain's, Anthropic's and OpenAI's
 # shapes, also in `message.tool_calls`) and reasoning.
 TOOL_BLOCKS = ("tool_call", "tool_use", "function_call", "reasoning", "thinking")
-
-
-@dataclass(frozen=True)
-class Piece:
-    """The text one message (or a run of messages the template joins) adds to the prompt."""
-
-    role: str
-    text: str
 
 
 def text_of(content: str | list, where: str) -> str:
@@ -136,34 +126,3 @@ def _tool_content(content: list, where: str) -> str:
         return text_of(content, where)
     except ValueError:
         return json.dumps(content, ensure_ascii=False, default=str)
-
-
-def render(tokenizer, messages: list[dict], tools: list[dict] | None, *, prompt: bool) -> str:
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(
-            f"the tokenizer of {getattr(tokenizer, 'name_or_path', 'this model')!r} has no chat "
-            "template, and ChatAgentMem renders conversations only through the model's own "
-            "template: use an instruct model (e.g. qwen2.5-coder-0.5b-instruct) or set "
-            "tokenizer.chat_template"
-        )
-    return tokenizer.apply_chat_template(
-        messages, tools=tools or None, add_generation_prompt=prompt, tokenize=False
-    )
-
-
-def pieces(tokenizer, messages: list[dict], tools: list[dict] | None) -> list[Piece]:
-    """The rendered conversation with its generation prompt, cut where a prefix of the messages
-    renders as a prefix of the whole (templates that join messages, e.g. Qwen's consecutive tool
-    results, give one piece for the run); the last piece is the generation prompt, role
-    "assistant"."""
-    whole = render(tokenizer, messages, tools, prompt=True)
-    out: list[Piece] = []
-    done = 0
-    for k in range(1, len(messages) + 1):
-        head = render(tokenizer, messages[:k], tools, prompt=False)
-        if len(head) > done and whole.startswith(head):
-            out.append(Piece(messages[k - 1]["role"], whole[done : len(head)]))
-            done = len(head)
-    if done < len(whole):
-        out.append(Piece("assistant", whole[done:]))
-    return out

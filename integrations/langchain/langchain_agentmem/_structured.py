@@ -1,12 +1,10 @@
-"""Structured output for ChatAgentMem: `response_format` (a JSON object, or one that follows a
-JSON schema) as a system instruction and the decoding constraints that make the reply one JSON
-object (`_json`), and the runnable `with_structured_output` returns for the JSON methods: the
-reply parsed and checked against the schema (pydantic validates its own classes)."""
+"""Structured output for ChatAgentMem: the runnable `with_structured_output` returns for the JSON
+methods (the reply made one JSON object by `agentmem.chat.formats`), the reply parsed and
+checked against the schema (pydantic validates its own classes)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
@@ -20,58 +18,10 @@ from langchain_core.utils.json import parse_partial_json
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic.v1 import ValidationError as ValidationErrorV1
 
-from langchain_agentmem._json import JsonGrammar
-
 METHODS = ("function_calling", "json_schema", "json_mode")
-FORMATS = '{"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": {...}}}'
 # JSON-schema types as Python ones (a bool is no number in JSON).
 TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "array": list,
          "object": dict, "null": type(None)}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class JsonFormat:
-    """What the reply is made to be: one JSON object; with a `schema` (`json_schema`), one that
-    follows it: the schema is given to the model and its keys (and listed values) decoded."""
-
-    schema: dict | None = None
-
-
-def json_format(response_format: Any) -> JsonFormat | None:
-    """A call's `response_format` (OpenAI's shapes) as the `JsonFormat` enforced; raises for
-    anything else."""
-    if response_format is None:
-        return None
-    kind = response_format.get("type") if isinstance(response_format, dict) else None
-    if kind == "json_object":
-        return JsonFormat()
-    if kind == "json_schema":
-        spec = response_format.get("json_schema")
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        if isinstance(schema, dict):
-            return JsonFormat(schema=schema)
-    raise ValueError(f"response_format must be {FORMATS}, got {response_format!r}")
-
-
-def instruction(fmt: JsonFormat) -> str:
-    """The system instruction that tells the model what to write (rendered after the history,
-    where the generation prompt follows it). JSON mode names no keys: the prompt says what it
-    wants (LangChain's contract); shown a schema there, the 0.5B model wrote the schema back
-    (measured), while with its keys decoded it fills them in."""
-    if fmt.schema is None:
-        return "Reply with one JSON object and nothing else."
-    return (
-        "Reply with one JSON object and nothing else: the values of the fields this JSON "
-        f"schema describes.\n{json.dumps(fmt.schema, ensure_ascii=False)}"
-    )
-
-
-def grammar(tokenizer, eos, fmt: JsonFormat) -> JsonGrammar:
-    """The grammar (`Sampling.allowed`, its `forbid`) of the reply."""
-    return JsonGrammar(tokenizer, eos, schema=fmt.schema)
-
-
-# -- with_structured_output -------------------------------------------------------------------
 
 
 def json_output(llm, schema: Any, *, method: str, include_raw: bool) -> Runnable:

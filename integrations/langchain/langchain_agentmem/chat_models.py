@@ -10,7 +10,6 @@ import contextlib
 import contextvars
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from langchain_core.callbacks import (
@@ -28,8 +27,10 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from agentmem import MemoryConfig
-from langchain_agentmem import _decoding, _engine, _render, _structured, _tools
+from agentmem import MemoryConfig, chat
+from agentmem.chat import engine as _engine
+from agentmem.chat import tools as _tools
+from langchain_agentmem import _render, _structured
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 DEFAULT_MAX_TOKENS = 512
@@ -38,22 +39,6 @@ CALL_KWARGS = frozenset(
     {"tools", "tool_choice", "session_id", "tenant", "model", "temperature", "top_p", "top_k",
      "seed", "max_tokens", "response_format", "config_thread_id"}
 )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class _Call:
-    """One call's inputs, resolved where it was made (the session id may come from there)."""
-
-    model: str
-    messages: list[BaseMessage]
-    stop: tuple[str, ...]
-    tools: list[dict]
-    tool_choice: Any
-    session_id: str | None
-    tenant: str
-    max_tokens: int
-    sampling: dict = field(default_factory=dict)
-    json: _structured.JsonFormat | None = None  # the reply made one JSON object
 
 
 class ChatAgentMem(BaseChatModel):
@@ -301,7 +286,7 @@ class ChatAgentMem(BaseChatModel):
     # -- calls -----------------------------------------------------------------------------------
 
     def _call(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict,
-              run_manager: Any) -> _Call:  # fmt: skip
+              run_manager: Any) -> chat.Reply:  # fmt: skip
         unknown = set(kwargs) - CALL_KWARGS
         if unknown:
             raise ValueError(
@@ -317,7 +302,7 @@ class ChatAgentMem(BaseChatModel):
         choice = kwargs.get("tool_choice")
         if not tools and choice not in (None, "auto", "none"):
             raise ValueError(f"tool_choice {choice!r} needs tools: use bind_tools(tools, ...)")
-        json_format = _structured.json_format(kwargs.get("response_format"))
+        json_format = chat.json_format(kwargs.get("response_format"))
         if json_format is not None and tools:
             raise ValueError(
                 "ChatAgentMem replies in JSON (response_format) or with tool calls, not both: "
@@ -331,44 +316,20 @@ class ChatAgentMem(BaseChatModel):
             name: kwargs.get(name, getattr(self, name))
             for name in ("temperature", "top_p", "top_k", "seed")
         }
-        return _Call(
-            model=kwargs.get("model") or self.model, messages=list(messages),
+        return chat.Reply(
+            model=kwargs.get("model") or self.model,
+            messages=_render.template_messages(messages),
             stop=tuple(stop if stop is not None else self.stop or ()), tools=tools,
             tool_choice=choice, session_id=None if session_id is None else str(session_id),
             tenant=kwargs.get("tenant") or self.tenant, max_tokens=max_tokens, sampling=sampling,
-            json=json_format,
+            json=json_format, memory=self.memory,
         )  # fmt: skip
 
-    def _events(self, call: _Call, cancel: threading.Event | None = None):
-        """The reply as `_tools.Event`s while it decodes, then the `_engine.Outcome`."""
-        lm = _engine.language_model(call.model)
-        tok = lm.tokenizer
-        names = [t["function"]["name"] for t in call.tools]
-        messages = _render.template_messages(call.messages)
-        if call.json is not None:  # right before the reply, after the history it continues
-            messages.append({"role": "system", "content": _structured.instruction(call.json)})
-        pieces = _render.pieces(tok, messages, call.tools)
-        choice = _tools.chosen_tool(call.tool_choice, names) if call.tools else "auto"
-        answering = bool(messages) and messages[-1]["role"] == "tool"  # a tool's result is last
-        forced, constraints = _decoding.constraints(
-            lm, call.tools, call.tool_choice, choice, call.json, model=call.model,
-            answering=answering,
-        )  # fmt: skip
-        sampling = _decoding.sampling(call.sampling, constraints)
-        request = _engine.Request(
-            pieces=pieces, forced=forced, max_new_tokens=call.max_tokens, sampling=sampling,
-            stop=call.stop, memory=self.memory,
-        )  # fmt: skip
-        th = _engine.thread(call.model, call.session_id, self.store, call.tenant)
-        run = _engine.Run(lm, th, request, store=self.store, tenant=call.tenant, cancel=cancel)
-        splitter = _tools.ToolSplitter(names, parse=bool(call.tools) and choice != "none")
-        yield from splitter.feed(forced)
-        for delta in run:
-            yield from splitter.feed(delta)
-        yield from splitter.finish()
-        yield run.outcome
+    def _events(self, call: chat.Reply, cancel: threading.Event | None = None):
+        """The reply as `agentmem.chat.Event`s while it decodes, then the `Outcome`."""
+        return chat.events(call, store=self.store, cancel=cancel)
 
-    def _finish(self, call: _Call, outcome: _engine.Outcome, called: bool) -> dict:
+    def _finish(self, call: chat.Reply, outcome: _engine.Outcome, called: bool) -> dict:
         usage = UsageMetadata(
             input_tokens=outcome.input_tokens, output_tokens=outcome.output_tokens,
             total_tokens=outcome.input_tokens + outcome.output_tokens,
@@ -385,7 +346,7 @@ class ChatAgentMem(BaseChatModel):
         }  # fmt: skip
         return {"usage_metadata": usage, "response_metadata": metadata}
 
-    def _result(self, call: _Call, cancel: threading.Event | None = None) -> ChatResult:
+    def _result(self, call: chat.Reply, cancel: threading.Event | None = None) -> ChatResult:
         text, calls, invalid = [], [], []
         outcome = None
         for item in self._events(call, cancel):
@@ -402,7 +363,7 @@ class ChatAgentMem(BaseChatModel):
         )  # fmt: skip
         return ChatResult(generations=[ChatGeneration(message=message)])
 
-    def _chunks(self, call: _Call, cancel: threading.Event | None = None):
+    def _chunks(self, call: chat.Reply, cancel: threading.Event | None = None):
         called, ids = False, []
         for item in self._events(call, cancel):
             if isinstance(item, _engine.Outcome):

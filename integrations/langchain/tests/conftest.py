@@ -13,7 +13,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 import tiny_models  # noqa: E402
-from langchain_agentmem import _engine  # noqa: E402
+
+from agentmem.chat import engine as _engine  # noqa: E402
 
 
 @pytest.fixture(scope="session")

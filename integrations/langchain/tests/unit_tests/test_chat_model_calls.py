@@ -8,9 +8,11 @@ import threading
 import time
 
 import pytest
-from langchain_agentmem import ChatAgentMem, _engine
+from langchain_agentmem import ChatAgentMem
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage
 from transformers import AutoTokenizer
+
+from agentmem.chat import engine as _engine
 
 HI = [SystemMessage("Be brief."), HumanMessage("What is the weather in Paris?")]
 

@@ -5,12 +5,14 @@ from the wrong past), stored sessions that outlive their ChatAgentMem, ToolMessa
 from __future__ import annotations
 
 import pytest
-from langchain_agentmem import ChatAgentMem, _engine, _render
+from langchain_agentmem import ChatAgentMem, _render
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.runnables import RunnableLambda
 from transformers import AutoTokenizer
 
 import agentmem
+from agentmem.chat import engine as _engine
+from agentmem.chat import render as _chat_render
 from agentmem.generate import Sampling
 
 # A window that covers these short conversations: a reused prefix computes what a fresh
@@ -92,7 +94,7 @@ def test_a_reply_held_in_other_tokens_than_the_tokenizer_would_give_still_matche
     lm = _engine.language_model(tiny_model_dir)
     tok = lm.tokenizer
     asked = [{"role": "user", "content": "hello world"}]
-    prompt = "".join(p.text for p in _render.pieces(tok, asked, None))
+    prompt = "".join(p.text for p in _chat_render.pieces(tok, asked, None))
     reply = "the quick dog"
     spelled = [i for ch in reply for i in tok(ch, add_special_tokens=False).input_ids]
     assert spelled != tok(reply, add_special_tokens=False).input_ids  # one token a character
@@ -100,7 +102,7 @@ def test_a_reply_held_in_other_tokens_than_the_tokenizer_would_give_still_matche
     th.held = tok(prompt, add_special_tokens=False).input_ids + spelled
     th.session.append_tokens(th.held)
     history = [*asked, {"role": "assistant", "content": reply}, {"role": "user", "content": "ok"}]
-    pieces = _render.pieces(tok, history, None)
+    pieces = _chat_render.pieces(tok, history, None)
     request = _engine.Request(pieces=pieces, forced="", max_new_tokens=2, sampling=Sampling())
     plan = _engine.Run(lm, th, request, store=None, tenant="default")._plan(pieces)
     fed = [i for _, _, ids in plan for i in ids]
@@ -219,7 +221,7 @@ def test_a_stored_history_edited_in_the_middle_is_forked_where_it_diverges(
     # The second question edited, the turns after it kept.
     edited = [*turn1, first, HumanMessage("And in Oslo?"), second, HumanMessage("Thanks.")]
     lm = _engine.language_model(tiny_model_dir)
-    pieces = _render.pieces(lm.tokenizer, _dicts(edited), None)
+    pieces = _chat_render.pieces(lm.tokenizer, _dicts(edited), None)
     flat = [i for *_, ids in _engine._feeds(lm.tokenizer, pieces) for i in ids]
     common = _engine._common(held, flat)
     assert count(tiny_model_dir, _dicts(turn1)) < common < len(held)  # inside the second turn

@@ -9,14 +9,16 @@ import re
 from typing import Literal
 
 import pytest
-from langchain_agentmem import ChatAgentMem, _engine
-from langchain_agentmem._json import JsonGrammar, opening_ids, scan
+from langchain_agentmem import ChatAgentMem
 from langchain_agentmem._structured import JsonReplyParser
 from langchain_core.exceptions import OutputParserException
 from langchain_core.messages import AIMessage
 from langchain_core.tools import tool
 from pydantic import BaseModel, field_validator
 from typing_extensions import TypedDict
+
+from agentmem.chat import engine as _engine
+from agentmem.chat.json_grammar import JsonGrammar, opening_ids, scan
 
 ASK = "What is the weather in Paris?"
 

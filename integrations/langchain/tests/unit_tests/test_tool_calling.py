@@ -8,8 +8,14 @@ import json
 from typing import Literal
 
 import pytest
-from langchain_agentmem import ChatAgentMem, _engine, _render
-from langchain_agentmem._tools import (
+from langchain_agentmem import ChatAgentMem, _render
+from langchain_core.messages import HumanMessage
+from langchain_core.tools import tool
+from pydantic import BaseModel, Field
+
+from agentmem.chat import engine as _engine
+from agentmem.chat import render as _chat_render
+from agentmem.chat.tools import (
     OPEN,
     NameTrie,
     ToolSplitter,
@@ -18,9 +24,6 @@ from langchain_agentmem._tools import (
     closing_args,
     parse_call,
 )
-from langchain_core.messages import HumanMessage
-from langchain_core.tools import tool
-from pydantic import BaseModel, Field
 
 NAMES = ["get_weather", "get_time", "add"]
 
@@ -257,7 +260,7 @@ def test_history_with_tool_calls_renders_like_the_template(tiny_model_dir):
     assert dicts[1]["tool_calls"][0]["function"] == {"name": "add", "arguments": {"a": 1, "b": 2}}
     assert dicts[2] == {"role": "tool", "content": "3", "tool_call_id": "c1", "name": "add"}
     tok = _engine.language_model(tiny_model_dir).tokenizer
-    pieces = _render.pieces(tok, dicts, None)
+    pieces = _chat_render.pieces(tok, dicts, None)
     whole = tok.apply_chat_template(dicts, add_generation_prompt=True, tokenize=False)
     assert "".join(p.text for p in pieces) == whole
     # Qwen's template joins consecutive tool results into one user turn: one piece for both.
@@ -267,7 +270,7 @@ def test_history_with_tool_calls_renders_like_the_template(tiny_model_dir):
 
 
 def test_the_call_grammar_closes_a_complete_call_and_then_ends(tiny_model_dir):
-    from langchain_agentmem._tools import CLOSE, CallCloser, CallGrammar
+    from agentmem.chat.tools import CLOSE, CallCloser, CallGrammar
 
     tok = _engine.language_model(tiny_model_dir).tokenizer
     open_id, close_id = tok.convert_tokens_to_ids([OPEN, CLOSE])

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from agentmem import Sampling
-from langchain_agentmem import _engine, _structured, _tools
-from langchain_agentmem._json import JsonGrammar
-from langchain_agentmem._structured import JsonFormat
+from agentmem.chat import engine, formats
+from agentmem.chat import tools as tool_calls
+from agentmem.chat.formats import JsonFormat
+from agentmem.chat.json_grammar import JsonGrammar
+from agentmem.generate import Sampling
 
 
 def constraints(lm, tools: list[dict], tool_choice: Any, choice: str,
@@ -17,47 +18,47 @@ def constraints(lm, tools: list[dict], tool_choice: Any, choice: str,
                 answering: bool = False) -> tuple[str, dict]:  # fmt: skip
     """The forced head of a call's reply and its `Sampling` constraints (`allowed`, `banned`,
     `forbid`): a JSON object (`json_format`, from `response_format`), or what `tool_choice`
-    (`choice` as `_tools.chosen_tool` reads it) forces of calls to `tools`. `answering`: the
+    (`choice` as `tool_calls.chosen_tool` reads it) forces of calls to `tools`. `answering`: the
     reply follows a tool's result, and may not open with a bare JSON call (another call is
     written in its tags): the 0.5B model, shown its call, repeats it bare instead of answering."""
     tok = lm.tokenizer
     if json_format is not None:
-        grammar = _structured.grammar(tok, _engine.eos_ids(lm), json_format)
+        grammar = formats.grammar(tok, engine.eos_ids(lm), json_format)
         return "", {"allowed": grammar, "forbid": grammar.forbid}
     names = [t["function"]["name"] for t in tools]
     forced, allowed, banned, forbid = "", None, frozenset(), None
     if tools and choice not in ("auto", "none"):
-        if not _tools.hermes_template(tok):
+        if not tool_calls.hermes_template(tok):
             raise ValueError(
                 f"tool_choice {tool_choice!r} is enforced for chat templates that call "
-                f"tools in {_tools.OPEN} tags (Qwen, Hermes); {model!r}'s does not"
+                f"tools in {tool_calls.OPEN} tags (Qwen, Hermes); {model!r}'s does not"
             )
         if choice != "any" or len(names) == 1:
             name = names[0] if choice == "any" else choice
-            forced = _tools.CALL_HEAD + name + _tools.NAME_TAIL
+            forced = tool_calls.CALL_HEAD + name + tool_calls.NAME_TAIL
             if not _parameters(tools[names.index(name)]):  # nothing to write but {}
-                forced += " {}}\n" + _tools.CLOSE
+                forced += " {}}\n" + tool_calls.CLOSE
         else:
-            forced, allowed = _tools.CALL_HEAD, _tools.NameTrie(tok, names)
-    if tools and _tools.hermes_template(tok):
-        tag = tok(_tools.OPEN, add_special_tokens=False).input_ids
-        close = tok(_tools.CLOSE, add_special_tokens=False).input_ids
+            forced, allowed = tool_calls.CALL_HEAD, tool_calls.NameTrie(tok, names)
+    if tools and tool_calls.hermes_template(tok):
+        tag = tok(tool_calls.OPEN, add_special_tokens=False).input_ids
+        close = tok(tool_calls.CLOSE, add_special_tokens=False).input_ids
         if choice == "none" and len(tag) == 1:
             banned = frozenset(tag)  # nor a bare call: the tag never opens, only openers apply
-            forbid = _tools.CallCloser(
-                tag[0], tag[0], (), open=False, openers=_tools.bare_call_openers(tok)
+            forbid = tool_calls.CallCloser(
+                tag[0], tag[0], (), open=False, openers=tool_calls.bare_call_openers(tok)
             )
         elif len(tag) == len(close) == 1:  # a call the reply opens is closed before it ends
-            eos = _engine.eos_ids(lm)
-            openers = _tools.bare_call_openers(tok) if answering else frozenset()
-            forbid = _tools.CallCloser(
-                tag[0], close[0], eos, open=_tools.is_open(forced), openers=openers
+            eos = engine.eos_ids(lm)
+            openers = tool_calls.bare_call_openers(tok) if answering else frozenset()
+            forbid = tool_calls.CallCloser(
+                tag[0], close[0], eos, open=tool_calls.is_open(forced), openers=openers
             )
             args = {
                 t["function"]["name"]: JsonGrammar(tok, schema=t["function"].get("parameters"))
                 for t in tools
             }
-            allowed = _tools.CallGrammar(
+            allowed = tool_calls.CallGrammar(
                 tok, tag[0], close[0], eos, head=forced, names=allowed, single=bool(forced),
                 args=args,
             )  # fmt: skip

@@ -1,8 +1,8 @@
-"""What ChatAgentMem runs on: one loaded model per name per process, one `Thread` (an agentmem
-session, the tokens it holds, a lock) per session key, the match of a re-sent history against
-what a session already holds (only the new suffix is prefilled; a history that diverges gets a
-new branch, a stored one forked where it diverges), and the generation loop (sampling, stop
-strings, finish reason)."""
+"""What a chat reply runs on (ChatAgentMem, `agentmem serve`): one loaded model per name per
+process, one `Thread` (an agentmem session, the tokens it holds, a lock) per session key, the
+match of a re-sent history against what a session already holds (only the new suffix is
+prefilled; a history that diverges gets a new branch, a stored one forked where it diverges),
+and the generation loop (sampling, stop strings, finish reason)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import agentmem
 from agentmem import Sampling, sampling
-from langchain_agentmem._render import Piece
+from agentmem.chat.render import Piece
 
 _models: dict[str, agentmem.LanguageModel] = {}
 _models_lock = threading.Lock()
@@ -46,7 +46,7 @@ _threads_lock = threading.Lock()
 
 
 def thread(lm_name: str, session_id: str | None, store: Any, tenant: str) -> Thread:
-    """The conversation `session_id` (shared by every ChatAgentMem of this process on the same
+    """The conversation `session_id` (shared by every caller in this process on the same
     model and store), or a fresh one of its own without an id."""
     if session_id is None:
         return Thread(key=(lm_name, None, tenant, None))
@@ -301,7 +301,7 @@ class Run:
             counted = len(th.held)
             th.session, th.held = None, []
             raise RuntimeError(
-                f"the agentmem session holds {len(session)} tokens, ChatAgentMem counted "
+                f"the agentmem session holds {len(session)} tokens, the conversation counted "
                 f"{counted}: the conversation starts afresh next call"
             )
         if self.store is not None and hasattr(session, "save"):

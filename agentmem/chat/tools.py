@@ -13,10 +13,26 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from langchain_core.messages import InvalidToolCall, ToolCall, ToolCallChunk
-from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
+from agentmem.chat.json_grammar import JsonGrammar, scan, tokens_holding
 
-from langchain_agentmem._json import JsonGrammar, scan, tokens_holding
+# Calls as dicts in the shapes LangChain's messages hold them (`ToolCall`, `InvalidToolCall`,
+# `ToolCallChunk`), which the server turns into OpenAI's.
+ToolCall = InvalidToolCall = ToolCallChunk = dict
+
+
+def tool_call(*, name: str, args: dict, id: str | None) -> ToolCall:
+    return {"name": name, "args": args, "id": id, "type": "tool_call"}
+
+
+def invalid_tool_call(*, name: str | None, args: str | None, id: str | None,
+                      error: str | None) -> InvalidToolCall:  # fmt: skip
+    return {"name": name, "args": args, "id": id, "error": error, "type": "invalid_tool_call"}
+
+
+def tool_call_chunk(*, name: str | None, args: str | None, id: str | None,
+                    index: int | None) -> ToolCallChunk:  # fmt: skip
+    return {"name": name, "args": args, "id": id, "index": index, "type": "tool_call_chunk"}
+
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 # The text a forced call starts with, up to the tool's name (Qwen2.5's template says so).
