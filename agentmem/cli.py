@@ -1,4 +1,5 @@
-"""The `agentmem` command line: `agentmem passkey` runs the passkey retrieval test.
+"""The `agentmem` command line: `agentmem passkey` runs the passkey retrieval test; `agentmem serve`
+runs the OpenAI-compatible chat server (docs/server.md).
 
 Methods run side by side in one process on the same prompts: agentmem, streaming (sinks + local),
 truncation to the same window, and full attention. A table goes to stdout; `--json` keeps every row.
@@ -89,6 +90,28 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind in CONFIG_FLAGS.items():
         flag = "--" + name.replace("_", "-")
         passkey.add_argument(flag, type=kind, default=None, help=f"MemoryConfig.{name}")
+    serve = commands.add_parser("serve", help="an OpenAI-compatible chat server (docs/server.md)")
+    serve.add_argument(
+        "--model",
+        default="qwen2.5-coder-0.5b-instruct",
+        help="built-in name, model directory or .gguf",
+    )
+    serve.add_argument(
+        "--store",
+        default=None,
+        help="SQLAlchemy URL of the sessions' database (default: SQLite in the root)",
+    )
+    serve.add_argument("--root", default=None, help="the store's payload root")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--api-keys",
+        default=None,
+        help="a JSON file of API key -> tenant (default: no keys, one tenant)",
+    )
+    serve.add_argument(
+        "--max-queue", type=int, default=64, help="requests that may wait; past it, 429"
+    )
     return parser
 
 
@@ -143,6 +166,27 @@ def run_passkey(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     return 0
 
 
+def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        from agentmem.server import read_api_keys, serve
+    except ImportError as error:
+        parser.error(
+            f"agentmem serve needs the server extra (pip install 'agentmem-kv[server]'): {error}"
+        )
+    if args.max_queue < 1:
+        parser.error("--max-queue must be >= 1")
+    if args.api_keys:
+        try:
+            read_api_keys(args.api_keys)
+        except ValueError as error:
+            parser.error(str(error))
+    serve(
+        args.model, store_url=args.store, store_root=args.root, host=args.host,
+        port=args.port, api_keys=args.api_keys, max_queue=args.max_queue,
+    )  # fmt: skip
+    return 0
+
+
 def _write_json(path: Path, rows: list) -> None:
     """Rewrite the whole file atomically after every row, so an interrupted run keeps its rows."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -158,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "passkey":
         return run_passkey(args, parser)
+    if args.command == "serve":
+        return run_serve(args, parser)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -37,6 +37,9 @@ class Reply:
     session_id: str | None = None
     tenant: str = "default"
     memory: agentmem.MemoryConfig | None = None
+    # The messages may be only the session's new ones (`agentmem serve`'s rule): they are, when
+    # they do not begin with the message the session begins with; then they follow it.
+    may_be_new: bool = False
 
 
 def events(reply: Reply, *, store: Any = None,
@@ -50,6 +53,9 @@ def events(reply: Reply, *, store: Any = None,
     if reply.json is not None:  # right before the reply, after the history it continues
         messages.append({"role": "system", "content": instruction(reply.json)})
     pieces = render.pieces(tok, messages, reply.tools)
+    continuation = None
+    if reply.may_be_new and reply.session_id is not None:
+        continuation = render.continuation(tok, messages, reply.tools)
     choice = chosen_tool(reply.tool_choice, names) if reply.tools else "auto"
     answering = bool(messages) and messages[-1]["role"] == "tool"  # a tool's result is last
     forced, constraints = decoding.constraints(
@@ -59,7 +65,7 @@ def events(reply: Reply, *, store: Any = None,
     request = engine.Request(
         pieces=pieces, forced=forced, max_new_tokens=reply.max_tokens,
         sampling=decoding.sampling(reply.sampling, constraints), stop=reply.stop,
-        memory=reply.memory,
+        memory=reply.memory, continuation=continuation,
     )  # fmt: skip
     th = engine.thread(reply.model, reply.session_id, store, reply.tenant)
     run = engine.Run(lm, th, request, store=store, tenant=reply.tenant, cancel=cancel)

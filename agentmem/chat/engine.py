@@ -9,11 +9,12 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import agentmem
 from agentmem import Sampling, sampling
+from agentmem.chat import render
 from agentmem.chat.render import Piece
 
 _models: dict[str, agentmem.LanguageModel] = {}
@@ -78,6 +79,9 @@ class Request:
     sampling: Sampling
     stop: tuple[str, ...] = ()
     memory: agentmem.MemoryConfig | None = None
+    # The same messages rendered as new ones that follow a conversation (`render.continuation`):
+    # fed after what the session holds when the history does not begin as the session does.
+    continuation: list[Piece] | None = None
 
 
 @dataclass
@@ -89,6 +93,7 @@ class Outcome:
     output_tokens: int = 0
     session_id: str | None = None
     forked: bool = False
+    appended: bool = False  # the messages were new ones, fed after what the session held
     recalled: list[dict] = field(default_factory=list)  # units: span, text, layers, messages
     recalled_messages: list[dict] = field(default_factory=list)  # what `messages` index
 
@@ -154,7 +159,7 @@ class Run:
         """The session to continue (resumed, or a branch made) and what to feed it."""
         th = self.th
         if th.session is not None:
-            plan = self._plan(pieces)
+            plan = self._appended(pieces) or self._plan(pieces)
             if plan is not None:
                 return plan
             self.outcome.forked = True
@@ -174,7 +179,7 @@ class Run:
             session = self._stored(_branch_id(base, k))
             th.session, th.branch = session, k
             th.held = list(session.tokens) + session.state_dict()["meta"]["session"]["pending"]
-            plan = self._plan(pieces)
+            plan = (self._appended(pieces) if k == n else None) or self._plan(pieces)
             if plan is not None:
                 self.outcome.session_id = _branch_id(base, k)
                 return plan
@@ -186,6 +191,22 @@ class Run:
             _, th.branch, th.session, th.held = longest
             return self._branch(n + 1, pieces)
         return self._fresh(pieces, self._stored(base))
+
+    def _appended(self, pieces: list[Piece]) -> list | None:
+        """With a `continuation`: its feeds, when the history does not begin with the tokens the
+        session begins with (its first message differs: it holds only new messages); else None.
+        After a reply (the model's end of turn last), the template's text between messages
+        comes first."""
+        continuation, held, tok = self.request.continuation, self.th.held, self.lm.tokenizer
+        if continuation is None or not held:
+            return None
+        first = _ids(tok, pieces[0].text, at_start=True)
+        if held[: len(first)] == first:
+            return None
+        self.outcome.appended = True
+        if held[-1] in eos_ids(self.lm) and continuation[0].role != "between":
+            continuation = [Piece("between", render.between(tok)), *continuation]
+        return [(p.role, p.text, _ids(tok, p.text, at_start=False)) for p in continuation if p.text]
 
     def _stored(self, session_id: str):
         return self.lm.session(
@@ -236,10 +257,10 @@ class Run:
 
     def _run(self) -> Iterator[str]:
         request, outcome, th = self.request, self.outcome, self.th
-        pieces = list(request.pieces)
-        if request.forced:
-            last = pieces[-1]
-            pieces[-1] = Piece(last.role, last.text + request.forced)
+        pieces = _with_forced(request.pieces, request.forced)
+        if request.continuation is not None:
+            continuation = _with_forced(request.continuation, request.forced)
+            self.request = request = replace(request, continuation=continuation)
         plan = self._open(pieces)
         if self.store is not None and th.key[3] is not None:  # the stored branch it continues
             outcome.session_id = _branch_id(th.key[3], th.branch)
@@ -314,6 +335,13 @@ class Run:
                  "messages": ids}
             )  # fmt: skip
         self.outcome.recalled_messages = [{"role": role, "text": t} for role, t in messages]
+
+
+def _with_forced(pieces: list[Piece], forced: str) -> list[Piece]:
+    """The pieces with the reply's forced head after the generation prompt (the last piece)."""
+    if not forced:
+        return list(pieces)
+    return [*pieces[:-1], Piece(pieces[-1].role, pieces[-1].text + forced)]
 
 
 def _after(feeds, n: int):

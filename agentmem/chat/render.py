@@ -44,3 +44,32 @@ def pieces(tokenizer, messages: list[dict], tools: list[dict] | None) -> list[Pi
     if done < len(whole):
         out.append(Piece("assistant", whole[done:]))
     return out
+
+
+# Stand-ins for what a session already holds, rendered ahead of new messages and cut off again.
+_BEFORE = [{"role": "user", "content": "."}, {"role": "assistant", "content": "."}]
+
+
+def continuation(tokenizer, messages: list[dict], tools: list[dict] | None) -> list[Piece]:
+    """`messages` rendered as new ones that follow a conversation (no system header, no first-
+    message text of the template's own), with the generation prompt: the pieces after those of
+    a stand-in conversation rendered ahead of them."""
+    ahead = render(tokenizer, _BEFORE, tools, prompt=False)
+    whole = pieces(tokenizer, [*_BEFORE, *messages], tools)
+    out, done = [], 0
+    for piece in whole:
+        if done >= len(ahead):
+            out.append(piece)
+        done += len(piece.text)
+    if done - sum(len(p.text) for p in out) != len(ahead):
+        raise ValueError("the chat template renders these messages only as a whole conversation")
+    return out
+
+
+def between(tokenizer) -> str:
+    """What the template writes after a reply's end-of-turn token and before the next message
+    (ChatML's newline): the generated reply ends at that token."""
+    ahead = render(tokenizer, _BEFORE, None, prompt=False)
+    end = tokenizer.eos_token or ""
+    at = ahead.rfind(end) if end else -1
+    return ahead[at + len(end) :] if at >= 0 else ""

@@ -1,4 +1,4 @@
-"""Fixtures of the langchain-agentmem tests: the tiny model's directory (`tiny_models`), and a
+"""Fixtures of the langchain-agentmem tests: the tiny model's directory (`agentmem.testing`), and a
 clean slate of conversations for every test."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import tiny_models  # noqa: E402
 
+from agentmem import testing as tiny_models  # noqa: E402
 from agentmem.chat import engine as _engine  # noqa: E402
 
 

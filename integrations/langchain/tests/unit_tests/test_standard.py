@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import tiny_models
 from langchain_agentmem import ChatAgentMem
 from langchain_tests.unit_tests import ChatModelUnitTests
+
+from agentmem import testing as tiny_models
 
 
 class TestChatAgentMemUnit(ChatModelUnitTests):

@@ -1,10 +1,13 @@
-"""A tiny random-weight Qwen2 with a byte-level BPE tokenizer and Qwen2.5's chat template (with
-tools), saved once per process as a model directory that `ChatAgentMem(model=path)` loads;
-nothing touches the network."""
+"""For tests of chat on agentmem (its own, the LangChain integration's, the server's): a tiny
+random-weight Qwen2 with a byte-level BPE tokenizer and Qwen2.5's chat template (with tools),
+saved once per process as a model directory that `agentmem.load(path)` (and `ChatAgentMem(model=
+path)`, `agentmem serve --model path`) loads; nothing touches the network."""
 
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
 import tempfile
 
 import torch
@@ -81,8 +84,9 @@ def tiny_qwen(tokenizer) -> Qwen2ForCausalLM:
 
 @functools.cache
 def model_dir() -> str:
-    """The tiny model saved in a temporary directory (once per process)."""
+    """The tiny model saved in a temporary directory (once per process, removed at its exit)."""
     out = tempfile.mkdtemp(prefix="agentmem-tiny-qwen-")
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
     tokenizer = chatml_tokenizer()
     tiny_qwen(tokenizer).save_pretrained(out)
     tokenizer.save_pretrained(out)

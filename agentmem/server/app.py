@@ -1,0 +1,538 @@
+"""`agentmem serve`: an OpenAI-compatible chat server whose conversations live in agentmem's
+persistent memory (FastAPI). See docs/server.md for the endpoints and their rules."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from agentmem import chat
+from agentmem.chat import engine
+from agentmem.persistence import Store
+from agentmem.persistence.errors import InvalidId, SessionExists
+from agentmem.persistence.ids import check_id
+from agentmem.server import schema
+from agentmem.server.metrics import Metrics
+from agentmem.server.schema import ApiError, ChatCompletionRequest
+from agentmem.server.worker import Job, QueueFull, Worker
+
+DEFAULT_TENANT = "default"
+RETRY_AFTER_S = 1
+
+
+class ForkRequest(BaseModel):
+    new_id: str = Field(min_length=1, max_length=200)
+
+
+class SearchRequest(BaseModel):
+    query: str = Field(min_length=1, max_length=10_000)
+    k: int = Field(default=5, ge=1, le=100)
+
+
+def create_app(
+    model: str,
+    store: Store,
+    *,
+    api_keys: dict[str, str] | None = None,
+    max_queue: int = 64,
+    max_active: int = 8,
+) -> FastAPI:
+    """The app serving `model` (a built-in name or a path) with sessions in `store`.
+    `api_keys`: key -> tenant (every request then needs `Authorization: Bearer <key>`); None:
+    no keys, every request is the "default" tenant's."""
+    holder: dict[str, Any] = {}
+
+    def memory_tokens() -> int:
+        return sum(len(th.held) for th in list(engine._threads.values()))
+
+    def depth() -> tuple[int, int]:
+        return holder["worker"].depth() if "worker" in holder else (0, 0)
+
+    metrics = Metrics(depth, memory_tokens)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await asyncio.to_thread(chat.language_model, model)  # loaded before the first request
+        worker = holder["worker"] = Worker(
+            store, max_queue=max_queue, max_active=max_active, on_step=metrics.step.observe
+        )
+        worker.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(worker.stop)
+
+    app = FastAPI(title="agentmem", version="0.1.0", lifespan=lifespan)
+
+    def tenant_of(authorization: str | None) -> str:
+        if api_keys is None:
+            return DEFAULT_TENANT
+        key = (authorization or "").removeprefix("Bearer ").strip()
+        if key not in api_keys:
+            raise ApiError(
+                401,
+                "a valid API key is needed: Authorization: Bearer <key>",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
+        return api_keys[key]
+
+    # -- errors: OpenAI's shape, and never a 5xx for a bad request -------------------------------
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in e.errors()[:5]:
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            problems.append(f"{where or 'body'}: {err.get('msg')}")
+        first = e.errors()[0].get("loc", ()) if e.errors() else ()
+        param = ".".join(str(p) for p in first if p != "body") or None
+        return await api_error(request, ApiError(400, "; ".join(problems), param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return await api_error(request, ApiError(e.status_code, str(e.detail), type=kind))
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, e: Exception) -> JSONResponse:
+        return await api_error(request, _as_api_error(e))
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.requests.labels(path=path, status=str(response.status_code)).inc()
+        return response
+
+    # -- the service -----------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health() -> dict:
+        waiting, running = depth()
+        return {"status": "ok", "model": model, "waiting": waiting, "running": running}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(authorization: str | None = Header(default=None)) -> dict:
+        tenant_of(authorization)
+        return {"object": "list", "data": [_model_card(model)]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model_card(name: str, authorization: str | None = Header(default=None)) -> dict:
+        tenant_of(authorization)
+        if name != model:
+            raise ApiError(
+                404,
+                f"no model {name!r}: this server serves {model!r}",
+                type="not_found_error",
+                code="model_not_found",
+            )
+        return _model_card(model)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(
+        body: ChatCompletionRequest,
+        request: Request,
+        authorization: str | None = Header(default=None),
+        x_session_id: str | None = Header(default=None),
+    ) -> Response:
+        tenant = tenant_of(authorization)
+        if body.model != model:
+            raise ApiError(
+                404,
+                f"no model {body.model!r}: this server serves {model!r}",
+                param="model",
+                type="not_found_error",
+                code="model_not_found",
+            )
+        session_id = body.session_id or x_session_id
+        if session_id is not None:
+            _check_id(session_id, "session_id")
+        reply = schema.reply(body, model=model, session_id=session_id, tenant=tenant)
+        arrived = time.perf_counter()
+        items = _submit(holder["worker"], reply)
+        first = await items.get()  # after the prefill: a bad history fails here, with a 4xx
+        if isinstance(first, Exception):
+            items.job.cancel.set()
+            raise _as_api_error(first)
+        metrics.ttft.observe(time.perf_counter() - arrived)
+        completion = Completion(model, body, items, first)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                completion.sse(include_usage, request, metrics, arrived),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        result = await completion.whole()
+        metrics.latency.observe(time.perf_counter() - arrived)
+        completion.count(metrics)
+        return JSONResponse(result)
+
+    # -- sessions --------------------------------------------------------------------------------
+
+    @app.get("/v1/sessions")
+    async def sessions(authorization: str | None = Header(default=None)) -> dict:
+        tenant = tenant_of(authorization)
+        found = await asyncio.to_thread(store.sessions, tenant=tenant)
+        return {"object": "list", "data": [_session(info) for info in found]}
+
+    @app.post("/v1/sessions/search")
+    async def search(body: SearchRequest, authorization: str | None = Header(default=None)):
+        tenant = tenant_of(authorization)
+        hits = await asyncio.to_thread(store.search, body.query, tenant=tenant, k=body.k)
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "session_id": h.session_id,
+                    "role": h.message[0],
+                    "text": h.message[1],
+                    "start": h.start,
+                    "end": h.end,
+                    "score": h.score,
+                }
+                for h in hits
+            ],
+        }
+
+    @app.get("/v1/sessions/{session_id}")
+    async def session(session_id: str, authorization: str | None = Header(default=None)):
+        tenant = tenant_of(authorization)
+        info = _found(store, session_id, tenant)
+        messages = await asyncio.to_thread(store.messages, session_id, tenant=tenant)
+        return {
+            **_session(info),
+            "messages": [
+                {"role": m.role, "text": m.text, "start": m.start, "end": m.end} for m in messages
+            ],
+        }
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def delete(session_id: str, authorization: str | None = Header(default=None)):
+        tenant = tenant_of(authorization)
+        _found(store, session_id, tenant)
+        _not_busy(holder["worker"], tenant, session_id)
+        await asyncio.to_thread(engine.forget, model, session_id, store, tenant)
+        await asyncio.to_thread(store.delete, session_id, tenant=tenant)
+        return {"id": session_id, "object": "session.deleted", "deleted": True}
+
+    @app.post("/v1/sessions/{session_id}/fork")
+    async def fork(
+        session_id: str, body: ForkRequest, authorization: str | None = Header(default=None)
+    ):
+        tenant = tenant_of(authorization)
+        _check_id(body.new_id, "new_id")
+        _found(store, session_id, tenant)
+        _not_busy(holder["worker"], tenant, session_id)
+        try:
+            info = await asyncio.to_thread(store.fork, session_id, body.new_id, tenant=tenant)
+        except SessionExists:
+            raise ApiError(
+                409,
+                f"a session {body.new_id!r} exists already",
+                param="new_id",
+                code="session_exists",
+            ) from None
+        return _session(info)
+
+    @app.get("/v1/sessions/{session_id}/export")
+    async def export(session_id: str, authorization: str | None = Header(default=None)):
+        tenant = tenant_of(authorization)
+        _found(store, session_id, tenant)
+        scratch = Path(tempfile.mkdtemp(prefix="agentmem-export-"))
+        path = await asyncio.to_thread(
+            store.export_session, session_id, scratch / "session.tar", tenant=tenant
+        )
+        return FileResponse(
+            path,
+            media_type="application/x-tar",
+            filename=f"{session_id}.tar",
+            background=BackgroundTask(_remove, scratch),
+        )
+
+    return app
+
+
+# -- a completion's items, as OpenAI's JSON or its server-sent events ------------------------------
+
+
+class Items:
+    """The items a job emits on the worker thread, awaited on the event loop."""
+
+    def __init__(self, job_reply: chat.Reply, loop: asyncio.AbstractEventLoop) -> None:
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.job = Job(
+            job_reply, emit=lambda item: loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        )
+
+    async def get(self) -> Any:
+        return await self.queue.get()
+
+
+def _submit(worker: Worker, reply: chat.Reply) -> Items:
+    items = Items(reply, asyncio.get_running_loop())
+    try:
+        worker.submit(items.job)
+    except QueueFull:
+        raise ApiError(
+            429,
+            "the server is busy: every place in its queue is taken; retry soon",
+            type="rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        ) from None
+    return items
+
+
+class Completion:
+    """One chat completion's reply as it comes: text, tool calls (OpenAI's shape: arguments as
+    a JSON string), and its outcome."""
+
+    def __init__(self, model: str, body: ChatCompletionRequest, items: Items, first: Any):
+        self.model, self.body, self.items, self.first = model, body, items, first
+        self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.outcome: chat.Outcome | None = None
+        self.calls: list[dict] = []
+
+    async def _items(self) -> AsyncIterator[Any]:
+        item = self.first
+        while True:
+            if isinstance(item, Exception):
+                raise item
+            if isinstance(item, chat.Outcome):
+                self.outcome = item
+                return
+            yield item
+            item = await self.items.get()
+
+    async def whole(self) -> dict:
+        text: list[str] = []
+        async for item in self._items():
+            if item.call is not None:
+                self.calls.append(_openai_call(item.call, len(self.calls)))
+            elif item.name is None and item.args is None:
+                text.append(item.text)
+        calls = [{k: v for k, v in c.items() if k != "index"} for c in self.calls]
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(text) or None}
+        if calls:
+            message["tool_calls"] = calls
+        elif message["content"] is None:
+            message["content"] = ""
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": [
+                {"index": 0, "message": message, "logprobs": None, "finish_reason": self._finish()}
+            ],
+            "usage": self._usage(),
+            "agentmem": self._agentmem(),
+        }
+
+    async def sse(
+        self, include_usage: bool, request: Request, metrics: Metrics, arrived: float
+    ) -> AsyncIterator[str]:
+        """OpenAI's chunks as server-sent events, then `data: [DONE]`. A client that leaves
+        cancels the reply: what was generated stays in the session's memory."""
+        try:
+            yield self._sse({"role": "assistant", "content": ""})
+            streamed: dict[int, bool] = {}  # a call's index -> whether its arguments streamed
+            async for item in self._items():
+                if isinstance(item, chat.Outcome):
+                    break
+                if item.call is None and item.name is None and item.args is None:
+                    yield self._sse({"content": item.text})
+                elif item.call is None and item.name is not None:  # a call begun
+                    streamed[item.index] = True
+                    yield self._sse(
+                        {
+                            "tool_calls": [
+                                {
+                                    "index": item.index,
+                                    "id": item.id,
+                                    "type": "function",
+                                    "function": {"name": item.name, "arguments": ""},
+                                }
+                            ]
+                        }
+                    )
+                elif item.call is None:  # a piece of its arguments
+                    yield self._sse(
+                        {
+                            "tool_calls": [
+                                {"index": item.index, "function": {"arguments": item.args}}
+                            ]
+                        }
+                    )
+                else:
+                    call = _openai_call(item.call, item.index)
+                    self.calls.append(call)
+                    if not streamed.get(item.index):
+                        yield self._sse({"tool_calls": [call]})
+            yield self._sse({}, finish=self._finish())
+            if include_usage:
+                yield _event({**self._head(), "choices": [], "usage": self._usage()})
+            yield "data: [DONE]\n\n"
+            metrics.latency.observe(time.perf_counter() - arrived)
+            self.count(metrics)
+        except Exception as e:  # the status line went out already: the error is an event
+            yield _event(_as_api_error(e).body())
+            yield "data: [DONE]\n\n"
+        finally:
+            self.items.job.cancel.set()  # a no-op once the reply ended; else the client left
+
+    def count(self, metrics: Metrics) -> None:
+        if self.outcome is not None:
+            o = self.outcome
+            metrics.tokens.labels(kind="prompt").inc(o.input_tokens)
+            metrics.tokens.labels(kind="cached").inc(o.cached_tokens)
+            metrics.tokens.labels(kind="completion").inc(o.output_tokens)
+
+    def _head(self) -> dict:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+        }
+
+    def _sse(self, delta: dict, finish: str | None = None) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        chunk = {**self._head(), "choices": [choice]}
+        if finish is not None:
+            chunk["agentmem"] = self._agentmem()
+        return _event(chunk)
+
+    def _finish(self) -> str:
+        reason = self.outcome.finish_reason if self.outcome else "stop"
+        if reason == "stop" and any(c["type"] == "function" for c in self.calls):
+            return "tool_calls"
+        return "stop" if reason == "cancelled" else reason
+
+    def _usage(self) -> dict:
+        o = self.outcome
+        return {
+            "prompt_tokens": o.input_tokens,
+            "completion_tokens": o.output_tokens,
+            "total_tokens": o.input_tokens + o.output_tokens,
+            "prompt_tokens_details": {"cached_tokens": o.cached_tokens},
+        }
+
+    def _agentmem(self) -> dict:
+        """What agentmem adds: the session the reply went to, whether the history forked or
+        was taken as new messages, how much was prefilled, the past messages recalled."""
+        o = self.outcome
+        return {
+            "session_id": o.session_id,
+            "forked": o.forked,
+            "appended": o.appended,
+            "prefilled_tokens": o.input_tokens - o.cached_tokens,
+            "recalled_messages": o.recalled_messages,
+        }
+
+
+def _openai_call(call: dict, index: int) -> dict:
+    """A parsed call in OpenAI's shape; an invalid one keeps its arguments as written."""
+    if call["type"] == "tool_call":
+        arguments = json.dumps(call["args"], ensure_ascii=False)
+    else:
+        arguments = call.get("args") or ""
+    return {
+        "index": index,
+        "id": call["id"],
+        "type": "function",
+        "function": {"name": call.get("name") or "", "arguments": arguments},
+    }
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _as_api_error(e: Exception) -> ApiError:
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, ValueError | InvalidId):
+        return ApiError(400, str(e))
+    if isinstance(e, ConnectionAbortedError):
+        return ApiError(499, str(e), code="client_closed_request")
+    return ApiError(500, f"the reply failed: {type(e).__name__}: {e}", type="server_error")
+
+
+def _model_card(model: str) -> dict:
+    return {"id": model, "object": "model", "created": 0, "owned_by": "agentmem"}
+
+
+def _session(info) -> dict:
+    return {
+        "id": info.id,
+        "object": "session",
+        "tokens": info.tokens,
+        "created": int(info.created.timestamp()),
+        "updated": int(info.updated.timestamp()),
+        "parent": info.parent,
+    }
+
+
+def _check_id(value: str, param: str) -> None:
+    try:
+        check_id(value, param)
+    except (InvalidId, ValueError) as e:
+        raise ApiError(400, str(e), param=param) from None
+
+
+def _found(store: Store, session_id: str, tenant: str):
+    _check_id(session_id, "session_id")
+    info = store.session_info(session_id, tenant=tenant)
+    if info is None:  # another tenant's is as absent as none
+        raise ApiError(
+            404, f"no session {session_id!r}", type="not_found_error", code="session_not_found"
+        )
+    return info
+
+
+def _not_busy(worker: Worker, tenant: str, session_id: str) -> None:
+    if worker.is_busy(tenant, session_id):
+        raise ApiError(
+            409,
+            f"session {session_id!r} is in a reply now; retry once it ended",
+            code="session_busy",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+__all__ = ["create_app"]

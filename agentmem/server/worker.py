@@ -1,0 +1,140 @@
+"""The one thread that runs the model for `agentmem serve`: requests wait in a bounded queue; up to
+`max_active` replies are decoded at once, one step each in turn, so that sessions interleave
+token by token; one session's requests take turns (a session is never in two replies at once).
+
+A reply's first step matches its history and prefills what is new, in one go: while a long
+history is read, the other replies wait for it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentmem import chat
+
+
+class QueueFull(Exception):
+    """The queue holds `max_queue` requests already."""
+
+
+@dataclass
+class Job:
+    """One reply: what it asks for, where its items go (`emit`, called on the worker thread with
+    each `chat.Event`, then the `chat.Outcome`, or an exception), and whether its client left."""
+
+    reply: chat.Reply
+    emit: Callable[[Any], None]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    queued: float = field(default_factory=time.perf_counter)
+    events: Iterator | None = None
+    steps: int = 0
+
+    @property
+    def key(self) -> tuple | None:
+        """The conversation it continues (None: one of its own)."""
+        r = self.reply
+        return None if r.session_id is None else (r.tenant, r.session_id)
+
+
+class Worker:
+    def __init__(
+        self,
+        store: Any,
+        *,
+        max_queue: int = 64,
+        max_active: int = 8,
+        on_step: Callable[[float], None] | None = None,
+    ) -> None:
+        """`on_step`: given the seconds of each decoding step after a reply's first (which
+        prefills)."""
+        self.store, self.max_queue, self.max_active = store, max_queue, max_active
+        self.on_step = on_step
+        self.pending: deque[Job] = deque()
+        self.active: list[Job] = []
+        self.busy: set[tuple] = set()  # the conversations of active replies
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="agentmem-model", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Cancel what runs, drop what waits, and end the thread."""
+        with self._cond:
+            self._stopping = True
+            for job in [*self.pending, *self.active]:
+                job.cancel.set()
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if len(self.pending) >= self.max_queue:
+                raise QueueFull
+            self.pending.append(job)
+            self._cond.notify_all()
+
+    def is_busy(self, tenant: str, session_id: str) -> bool:
+        """Whether a reply of this conversation runs or waits."""
+        key = (tenant, session_id)
+        with self._cond:
+            return key in self.busy or any(job.key == key for job in self.pending)
+
+    def depth(self) -> tuple[int, int]:
+        """(waiting, running) replies."""
+        with self._cond:
+            return len(self.pending), len(self.active)
+
+    def _admit(self) -> None:
+        """Start waiting replies, oldest first, whose conversation is not in a running one."""
+        for job in list(self.pending):
+            if len(self.active) >= self.max_active:
+                break
+            if job.cancel.is_set():  # its client left before it started
+                self.pending.remove(job)
+                job.emit(ConnectionAbortedError("the client left before the reply started"))
+                continue
+            if job.key is not None and job.key in self.busy:
+                continue
+            self.pending.remove(job)
+            if job.key is not None:
+                self.busy.add(job.key)
+            job.events = chat.events(job.reply, store=self.store, cancel=job.cancel)
+            self.active.append(job)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._admit()
+                while not self.active and not self._stopping:
+                    self._cond.wait()
+                    self._admit()
+                if self._stopping and not self.active:
+                    return
+                running = list(self.active)
+            for job in running:
+                if not self._step(job):
+                    with self._cond:
+                        self.active.remove(job)
+                        self.busy.discard(job.key)
+
+    def _step(self, job: Job) -> bool:
+        """Advance one reply by one item; False once it ended (its outcome or error emitted)."""
+        started = time.perf_counter()
+        try:
+            item = next(job.events)
+            job.steps += 1
+            if job.steps > 1 and self.on_step is not None:
+                self.on_step(time.perf_counter() - started)
+        except StopIteration:
+            return False
+        except Exception as e:  # handed to the request; the worker goes on
+            job.emit(e)
+            return False
+        job.emit(item)
+        return not isinstance(item, chat.Outcome)
