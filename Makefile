@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LOCK := constraints.txt
 # The developer install: the tests need the dev tools, the built-in 0.5B instruct model and
 # LangChain (for integrations/langchain, installed beside agentmem).
-EXTRAS := dev,qwen-0.5b,langchain
+EXTRAS := dev,qwen-0.5b,langchain,server
 INTEGRATIONS := -e integrations/langchain
 # Run again on the newest and the oldest releases the ranges allow: the seam, sessions, the docs'
 # snippets and the real models.

@@ -16,7 +16,7 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-EXTRAS = "dev,qwen-0.5b,qwen-1.5b,langchain"
+EXTRAS = "dev,qwen-0.5b,qwen-1.5b,langchain,server"
 OURS = {"agentmem-kv", "agentmem-kernels", "langchain-agentmem"}
 UNLOCKED = {"torch"}
 
