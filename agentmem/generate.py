@@ -10,7 +10,7 @@ top-p draws from a seeded generator, within token constraints (`choose`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -148,6 +148,25 @@ def prefill(
     progress: bool = False,
 ) -> torch.Tensor:
     """Feed `input_ids` [B, T] in chunks of `chunk` tokens; returns the last logits [B, V]."""
+    steps = prefill_steps(model, cache, input_ids, chunk=chunk, progress=progress)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+@torch.inference_mode()  # torch enters it again at each resumption of the generator
+def prefill_steps(
+    model: torch.nn.Module,
+    cache: Cache,
+    input_ids: torch.Tensor,
+    *,
+    chunk: int,
+    progress: bool = False,
+) -> Generator[None, None, torch.Tensor]:
+    """`prefill`, pausing after each chunk (a scheduler runs other work there); its return
+    value (StopIteration's) is the last logits."""
     if input_ids.shape[1] == 0:
         raise ValueError("prefill needs at least one token")
     total = input_ids.shape[1]
@@ -174,6 +193,8 @@ def prefill(
                     )
                     logits = out.logits[:, -1]
                 bar.update(piece.shape[1])
+                if first + chunk < total:
+                    yield
         if graphed is not None:
             logits = logits.clone()  # a graph's buffer: copied before the graph goes
     finally:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from agentmem.config import MemoryConfig
-from agentmem.generate import decode_one_token, greedy, prefill
+from agentmem.generate import decode_one_token, greedy, prefill_steps
 from agentmem.hf.cache import AgentMemCache
 from agentmem.hf.wrap import new_cache, wrap
 
@@ -151,19 +151,25 @@ class Session:
 
     def append_tokens(self, ids: list[int]) -> int:
         """Stream token ids into memory; returns how many were added (recorded as no message)."""
+        for _ in self.append_tokens_stepwise(ids):
+            pass
+        return len(ids)
+
+    def append_tokens_stepwise(self, ids: list[int]) -> Iterator[None]:
+        """`append_tokens`, pausing after each prefill chunk (`agentmem serve` decodes other
+        sessions' replies there, so that a long history does not hold them up)."""
         if not ids:
             raise ValueError("append_tokens needs at least one token id")
         vocab = self.lm.model.config.vocab_size
         if any(not 0 <= int(i) < vocab for i in ids):
             raise ValueError(f"token ids must lie in [0, {vocab})")
-        self._feed(self._pending + [int(i) for i in ids])
-        return len(ids)
+        return self._feed(self._pending + [int(i) for i in ids])
 
-    def _feed(self, ids: list[int]) -> None:
+    def _feed(self, ids: list[int]) -> Iterator[None]:
         model, device = self.lm.model, self.lm.device
         batch = torch.tensor([ids], device=device)
         if len(ids) > 1:
-            prefill(
+            yield from prefill_steps(
                 model,
                 self.cache,
                 batch[:, :-1],
@@ -195,6 +201,14 @@ class Session:
     def _record(self, role: str, text: str, start: int) -> None:
         self._messages.append(Message(role, text, start, len(self)))
 
+    def record(self, role: str, text: str, start: int) -> None:
+        """Record the tokens from `start` to the end of memory as a message of `role` with
+        `text` (tokens fed by `append_tokens` or produced by `generate_tokens`, which record
+        nothing themselves)."""
+        if not 0 <= start < len(self):
+            raise ValueError(f"a message starts inside memory: 0 <= start < {len(self)}")
+        self._record(role, text, start)
+
     def messages(self) -> list[Message]:
         """Every message in memory, in order, with its token span."""
         return list(self._messages)
@@ -221,7 +235,8 @@ class Session:
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         if self._pending:
-            self._feed(self._pending)
+            for _ in self._feed(self._pending):
+                pass
         if self._next_logits is None:
             raise ValueError("the session is empty: append text before generating")
         for token_id in greedy(

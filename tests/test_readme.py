@@ -45,6 +45,9 @@ def test_the_readme_snippets_run(capsys):
     first, again = namespace["first"], namespace["again"]  # the LangChain section
     held = first.usage_metadata["input_tokens"] + first.usage_metadata["output_tokens"]
     assert namespace["served"] == held and again.response_metadata["prefilled_tokens"] < 30
+    done = namespace["done"]  # the chatbot backends section
+    assert done.text and done.outcome.output_tokens > 0 and done.outcome.session_id == "user-ada"
+    assert [info.id for info in namespace["store"].sessions(tenant="shop")] == ["user-ada"]
 
 
 @pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.py")))

@@ -42,10 +42,12 @@ class Reply:
     may_be_new: bool = False
 
 
-def events(reply: Reply, *, store: Any = None,
-           cancel: threading.Event | None = None) -> Iterator[Event | Outcome]:  # fmt: skip
+def events(reply: Reply, *, store: Any = None, cancel: threading.Event | None = None,
+           pauses: bool = False) -> Iterator[Event | Outcome | None]:  # fmt: skip
     """The reply as `tools.Event`s (text, a call begun, pieces of its arguments, the call) while
-    it decodes, then its `Outcome` (usage, finish reason, the session, what was recalled)."""
+    it decodes, then its `Outcome` (usage, finish reason, the session, what was recalled). With
+    `pauses`, also None after each chunk of the history's prefill: a scheduler that advances
+    several replies item by item decodes the others there."""
     lm = language_model(reply.model)
     tok = lm.tokenizer
     names = [t["function"]["name"] for t in reply.tools]
@@ -72,9 +74,39 @@ def events(reply: Reply, *, store: Any = None,
     splitter = tool_calls.ToolSplitter(names, parse=bool(reply.tools) and choice != "none")
     yield from splitter.feed(forced)
     for delta in run:
+        if not delta:  # a pause in the prefill
+            if pauses:
+                yield None
+            continue
         yield from splitter.feed(delta)
     yield from splitter.finish()
     yield run.outcome
 
 
-__all__ = ["Event", "JsonFormat", "Outcome", "Reply", "events", "json_format", "language_model"]
+@dataclass
+class Completion:
+    """A whole reply: its text, the tool calls parsed from it (valid and invalid ones, as dicts:
+    name, args, id, type "tool_call" or "invalid_tool_call"), and its `Outcome`."""
+
+    text: str
+    tool_calls: list[dict]
+    outcome: Outcome
+
+
+def complete(reply: Reply, *, store: Any = None) -> Completion:
+    """The reply decoded to its end (`events`, collected)."""
+    text, calls, outcome = [], [], None
+    for item in events(reply, store=store):
+        if isinstance(item, Outcome):
+            outcome = item
+        elif item.call is not None:
+            calls.append(item.call)
+        elif item.name is None and item.args is None:
+            text.append(item.text)
+    return Completion("".join(text), calls, outcome)
+
+
+__all__ = [
+    "Completion", "Event", "JsonFormat", "Outcome", "Reply", "complete", "events", "json_format",
+    "language_model",
+]  # fmt: skip

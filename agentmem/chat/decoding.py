@@ -66,11 +66,13 @@ def constraints(lm, tools: list[dict], tool_choice: Any, choice: str,
 
 
 def sampling(settings: dict, constraints: dict) -> Sampling:
-    """A call's temperature, top_p, top_k and seed (None: the defaults) with its constraints."""
-    top_p = settings["top_p"]
+    """A call's temperature, top_p, top_k and seed (absent or None: the defaults, greedy) with
+    its constraints."""
+    top_p = settings.get("top_p")
     return Sampling(
-        temperature=float(settings["temperature"] or 0.0), top_p=1.0 if top_p is None else
-        float(top_p), top_k=int(settings["top_k"] or 0), seed=settings["seed"], **constraints,
+        temperature=float(settings.get("temperature") or 0.0), top_p=1.0 if top_p is None else
+        float(top_p), top_k=int(settings.get("top_k") or 0), seed=settings.get("seed"),
+        **constraints,
     )  # fmt: skip
 
 

@@ -195,8 +195,8 @@ class Run:
     def _appended(self, pieces: list[Piece]) -> list | None:
         """With a `continuation`: its feeds, when the history does not begin with the tokens the
         session begins with (its first message differs: it holds only new messages); else None.
-        After a reply (the model's end of turn last), the template's text between messages
-        comes first."""
+        The template's end of the reply the session holds last comes first (what the model did
+        not write of it)."""
         continuation, held, tok = self.request.continuation, self.th.held, self.lm.tokenizer
         if continuation is None or not held:
             return None
@@ -204,9 +204,11 @@ class Run:
         if held[: len(first)] == first:
             return None
         self.outcome.appended = True
-        if held[-1] in eos_ids(self.lm) and continuation[0].role != "between":
-            continuation = [Piece("between", render.between(tok)), *continuation]
-        return [(p.role, p.text, _ids(tok, p.text, at_start=False)) for p in continuation if p.text]
+        end, eos = render.reply_end(tok), tok.eos_token or ""
+        if held[-1] in eos_ids(self.lm) and eos and end.startswith(eos):
+            end = end[len(eos) :]  # the model wrote its end of turn
+        feeds = [(None, None, tok(end, add_special_tokens=False).input_ids)] if end else []
+        return feeds + [(p.role, p.text, _ids(tok, p.text, at_start=False)) for p in continuation]
 
     def _stored(self, session_id: str):
         return self.lm.session(
@@ -237,17 +239,18 @@ class Run:
         self.th.session, self.th.held = session, []
         return self._plan(pieces)
 
-    def _feed(self, plan) -> None:
+    def _feed(self, plan) -> Iterator[None]:
+        """Feed the plan, pausing after each prefill chunk (`Session.append_tokens_stepwise`)."""
         session, tok = self.th.session, self.lm.tokenizer
         for role, text, ids in plan:
             if not ids:
                 continue
             own = None if text is None else tok(text, add_special_tokens=len(session) == 0)
-            if own is not None and ids == own.input_ids:
-                session.append(text, role=role)  # recorded as a message (provenance)
-            else:
-                session.append_tokens(ids)
+            start = len(session)
+            yield from session.append_tokens_stepwise(ids)
             self.th.held.extend(ids)
+            if own is not None and ids == own.input_ids:
+                session.record(role, text, start)  # a message as `append` records it (provenance)
 
     # -- generation ------------------------------------------------------------------------------
 
@@ -268,13 +271,19 @@ class Run:
         outcome.text = request.forced
         tokens = None
         try:
-            self._feed(plan)
+            for _ in self._feed(plan):
+                yield ""  # a pause between prefill chunks: no text
             outcome.input_tokens = len(th.held)
+            start = len(th.session)
             tokens = th.session.generate_tokens(request.max_new_tokens)
             yield from self._decode(tokens)
         finally:
             if tokens is not None:
                 tokens.close()
+                reply = outcome.text[len(request.forced) :]  # the head was fed with the prompt
+                if len(th.session) > start and reply:  # the reply, as a message of its own
+                    # as text a store keeps (a random model may write a NUL byte)
+                    th.session.record("assistant", reply.replace("\x00", "\ufffd"), start)
             self._settle()
 
     def _decode(self, tokens: Iterator[int]) -> Iterator[str]:

@@ -9,7 +9,10 @@ from typing import Any
 
 from agentmem.chat.json_grammar import JsonGrammar
 
-FORMATS = '{"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": {...}}}'
+FORMATS = (
+    '{"type": "text"}, {"type": "json_object"} or '
+    '{"type": "json_schema", "json_schema": {"schema": {...}}}'
+)
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,8 @@ def json_format(response_format: Any) -> JsonFormat | None:
     if response_format is None:
         return None
     kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":  # OpenAI's default: no constraint
+        return None
     if kind == "json_object":
         return JsonFormat()
     if kind == "json_schema":

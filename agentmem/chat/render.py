@@ -47,7 +47,8 @@ def pieces(tokenizer, messages: list[dict], tools: list[dict] | None) -> list[Pi
 
 
 # Stand-ins for what a session already holds, rendered ahead of new messages and cut off again.
-_BEFORE = [{"role": "user", "content": "."}, {"role": "assistant", "content": "."}]
+_REPLY = "(an earlier reply)"
+_BEFORE = [{"role": "user", "content": "."}, {"role": "assistant", "content": _REPLY}]
 
 
 def continuation(tokenizer, messages: list[dict], tools: list[dict] | None) -> list[Piece]:
@@ -66,10 +67,9 @@ def continuation(tokenizer, messages: list[dict], tools: list[dict] | None) -> l
     return out
 
 
-def between(tokenizer) -> str:
-    """What the template writes after a reply's end-of-turn token and before the next message
-    (ChatML's newline): the generated reply ends at that token."""
+def reply_end(tokenizer) -> str:
+    """What the template writes after a reply's text, before the next message (ChatML's
+    `<|im_end|>` and newline): a reply held in memory ends at its end-of-turn token, or, cut
+    short (max_tokens, a stop string), before it."""
     ahead = render(tokenizer, _BEFORE, None, prompt=False)
-    end = tokenizer.eos_token or ""
-    at = ahead.rfind(end) if end else -1
-    return ahead[at + len(end) :] if at >= 0 else ""
+    return ahead[ahead.rfind(_REPLY) + len(_REPLY) :]

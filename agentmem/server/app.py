@@ -30,6 +30,7 @@ from agentmem.persistence.ids import check_id
 from agentmem.server import schema
 from agentmem.server.metrics import Metrics
 from agentmem.server.schema import ApiError, ChatCompletionRequest
+from agentmem.server.web import add_web
 from agentmem.server.worker import Job, QueueFull, Worker
 
 DEFAULT_TENANT = "default"
@@ -101,6 +102,10 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        try:  # a request without a valid key learns nothing of what its body should be
+            tenant_of(request.headers.get("authorization"))
+        except ApiError as refused:
+            return await api_error(request, refused)
         problems = []
         for err in e.errors()[:5]:
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
@@ -276,6 +281,7 @@ def create_app(
             background=BackgroundTask(_remove, scratch),
         )
 
+    add_web(app, api_keys is not None)
     return app
 
 

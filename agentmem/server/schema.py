@@ -127,6 +127,7 @@ def reply(body: ChatCompletionRequest, *, model: str, session_id: str | None, te
     if len(set(names)) != len(names):
         raise ApiError(400, "two tools have the same name", param="tools")
     choice: Any = body.tool_choice
+    sent = choice.function.name if isinstance(choice, NamedToolChoice) else choice
     if isinstance(choice, NamedToolChoice):
         choice = choice.function.name
     elif choice == "required":
@@ -137,7 +138,7 @@ def reply(body: ChatCompletionRequest, *, model: str, session_id: str | None, te
         except ValueError as e:
             raise ApiError(400, str(e), param="tool_choice") from None
     elif choice not in (None, "auto", "none"):
-        raise ApiError(400, f"tool_choice {choice!r} needs tools", param="tool_choice")
+        raise ApiError(400, f"tool_choice {sent!r} needs tools", param="tool_choice")
     try:
         json_format = formats.json_format(body.response_format)
     except ValueError as e:
@@ -207,6 +208,27 @@ def template_messages(messages: list[Message]) -> list[dict[str, Any]]:
             )
         out.append(entry)
     return out
+
+
+def _check_text(value: Any, where: str) -> None:
+    """No string of the body holds a NUL or a lone surrogate (JSON lets `\\u0000` and
+    `\\ud800` through): the store keeps text as UTF-8, without NULs."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ApiError(400, f"{where or 'body'}: text may not hold NUL characters", param=where)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(
+                400, f"{where or 'body'}: text is not valid Unicode (a lone surrogate)", param=where
+            ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, where)
+            _check_text(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_text(item, f"{where}[{i}]")
 
 
 def _arguments(text: str) -> Any:

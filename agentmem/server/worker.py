@@ -2,8 +2,8 @@
 `max_active` replies are decoded at once, one step each in turn, so that sessions interleave
 token by token; one session's requests take turns (a session is never in two replies at once).
 
-A reply's first step matches its history and prefills what is new, in one go: while a long
-history is read, the other replies wait for it."""
+A reply's history is prefilled one chunk (`MemoryConfig.exec_chunk` tokens) per turn, so a long
+one does not hold up the others' decoding."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     queued: float = field(default_factory=time.perf_counter)
     events: Iterator | None = None
-    steps: int = 0
+    decoding: bool = False
 
     @property
     def key(self) -> tuple | None:
@@ -49,8 +49,7 @@ class Worker:
         max_active: int = 8,
         on_step: Callable[[float], None] | None = None,
     ) -> None:
-        """`on_step`: given the seconds of each decoding step after a reply's first (which
-        prefills)."""
+        """`on_step`: given the seconds of each decoding step of a reply (after its first)."""
         self.store, self.max_queue, self.max_active = store, max_queue, max_active
         self.on_step = on_step
         self.pending: deque[Job] = deque()
@@ -104,7 +103,7 @@ class Worker:
             self.pending.remove(job)
             if job.key is not None:
                 self.busy.add(job.key)
-            job.events = chat.events(job.reply, store=self.store, cancel=job.cancel)
+            job.events = chat.events(job.reply, store=self.store, cancel=job.cancel, pauses=True)
             self.active.append(job)
 
     def _loop(self) -> None:
@@ -118,23 +117,32 @@ class Worker:
                     return
                 running = list(self.active)
             for job in running:
-                if not self._step(job):
-                    with self._cond:
-                        self.active.remove(job)
-                        self.busy.discard(job.key)
+                self._step(job)
 
-    def _step(self, job: Job) -> bool:
-        """Advance one reply by one item; False once it ended (its outcome or error emitted)."""
+    def _step(self, job: Job) -> None:
+        """Advance one reply by one item. Its end (the outcome, or an error) is emitted once
+        the reply left the running ones, so that its client may use the session at once."""
         started = time.perf_counter()
         try:
             item = next(job.events)
-            job.steps += 1
-            if job.steps > 1 and self.on_step is not None:
-                self.on_step(time.perf_counter() - started)
         except StopIteration:
-            return False
+            self._release(job)
+            return
         except Exception as e:  # handed to the request; the worker goes on
+            self._release(job)
             job.emit(e)
-            return False
+            return
+        if item is None:  # a pause in its prefill: the next reply's turn
+            return
+        if job.decoding and self.on_step is not None:
+            self.on_step(time.perf_counter() - started)
+        job.decoding = True  # its first item came: what follows are decoding steps
+        if isinstance(item, chat.Outcome):
+            self._release(job)
         job.emit(item)
-        return not isinstance(item, chat.Outcome)
+
+    def _release(self, job: Job) -> None:
+        with self._cond:
+            if job in self.active:
+                self.active.remove(job)
+            self.busy.discard(job.key)

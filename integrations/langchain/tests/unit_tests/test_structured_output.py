@@ -136,9 +136,10 @@ def test_the_schema_is_given_to_the_model_after_the_history(llm):
     (th,) = _engine._threads.values()
     texts = [m.text for m in th.session.messages()]
     instruction = [t for t in texts if '"sunny"' in t and "JSON schema" in t]
-    assert instruction and texts.index(instruction[0]) == len(texts) - 2  # after ASK
-    assert texts[-1] == "<|im_start|>assistant\n"  # the generation prompt
-    assert any(ASK in t for t in texts[:-2])
+    assert instruction and texts.index(instruction[0]) == len(texts) - 3  # after ASK
+    assert texts[-2] == "<|im_start|>assistant\n"  # the generation prompt, then the reply
+    assert texts[-1].startswith("{")
+    assert any(ASK in t for t in texts[:-3])
 
 
 def test_streamed_json_grows_to_the_invoked_object(llm):
@@ -236,6 +237,6 @@ def test_json_mode_without_a_schema_takes_any_object(tiny_model_dir):
     out = llm.with_structured_output(None, method="json_mode", include_raw=True).invoke(ASK)
     assert out["raw"].content.startswith("{")
     (th,) = _engine._threads.values()
-    assert th.session.messages()[-2].text == (
+    assert th.session.messages()[-3].text == (
         "<|im_start|>system\nReply with one JSON object and nothing else.<|im_end|>\n"
     )  # no schema to show: the prompt says what it wants
