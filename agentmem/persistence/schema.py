@@ -121,3 +121,15 @@ class SessionSegment(Base):
     )
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     segment_id: Mapped[int] = mapped_column(Integer, ForeignKey("segments.id", ondelete="RESTRICT"))
+
+
+class LeaseRow(Base):
+    """Which server writes a session now (`agentmem serve` processes sharing one store): a
+    holder's lease lasts until `expires` unless renewed. Named by tenant and session id, not by
+    the session's row, which the lease's first reply may not have made yet."""
+
+    __tablename__ = "session_leases"
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    session_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(64))
+    expires: Mapped[datetime] = mapped_column(UTCDateTime)

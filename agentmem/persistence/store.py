@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session as SqlSession
 from sqlalchemy.orm import sessionmaker
 
 from agentmem.paths import home
-from agentmem.persistence import bundle, database, payloads
+from agentmem.persistence import bundle, database, leases, payloads
 from agentmem.persistence import search as search_
 from agentmem.persistence.errors import (
     SegmentNotFound,
@@ -29,6 +29,7 @@ from agentmem.persistence.ids import check_id
 from agentmem.persistence.mapped import MappedPayload
 from agentmem.persistence.records import Message, Segment, SessionInfo
 from agentmem.persistence.schema import (
+    LeaseRow,
     MessageRow,
     SegmentRow,
     SessionRow,
@@ -263,6 +264,11 @@ class Store:
             s.execute(sql_delete(ss).where(ss.session_pk == row.pk))
             s.execute(sql_delete(MessageRow).where(MessageRow.session_pk == row.pk))
             s.execute(sql_delete(SessionRow).where(SessionRow.pk == row.pk))
+            s.execute(
+                sql_delete(LeaseRow).where(
+                    LeaseRow.tenant == tenant, LeaseRow.session_id == session_id
+                )
+            )
             freed = []
             if ids:
                 still = select(ss.segment_id).where(ss.segment_id == SegmentRow.id).exists()
@@ -475,6 +481,19 @@ class Store:
         """
         check_id(tenant, "tenant")
         return search_.search(self, query, tenant=tenant, k=k, model=model, method=method)
+
+    # -- leases -----------------------------------------------------------------------------------
+
+    def acquire_lease(self, session_id: str, holder: str, *, ttl_s: float = 30.0,
+                      tenant: str = DEFAULT_TENANT) -> leases.Lease | None:  # fmt: skip
+        """Take (or renew) the right to write `session_id` for `ttl_s` seconds as `holder` (a
+        server's id); None while another holder's lease runs (`agentmem.persistence.leases`)."""
+        _check(tenant, session_id)
+        return leases.acquire(self._write, tenant, session_id, holder, ttl_s)
+
+    def release_lease(self, session_id: str, holder: str, *, tenant: str = DEFAULT_TENANT) -> None:
+        _check(tenant, session_id)
+        leases.release(self._write, tenant, session_id, holder)
 
     # -- maintenance ------------------------------------------------------------------------------
 

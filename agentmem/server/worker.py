@@ -1,20 +1,29 @@
 """The one thread that runs the model for `agentmem serve`: requests wait in a bounded queue; up to
 `max_active` replies are decoded at once, one step each in turn, so that sessions interleave
 token by token; one session's requests take turns (a session is never in two replies at once).
+Servers that share a store take a session's lease in its database before a reply on it, so that
+no two write it at once; one that finds another wrote the session since reads it afresh.
 
 A reply's history is prefilled one chunk (`MemoryConfig.exec_chunk` tokens) per turn, so a long
 one does not hold up the others' decoding."""
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from agentmem import chat
+from agentmem.chat import engine
+from agentmem.server.schema import ApiError
+
+LEASE_TTL_S = 30.0  # a dead server's sessions are free again after this
 
 
 class QueueFull(Exception):
@@ -32,6 +41,7 @@ class Job:
     queued: float = field(default_factory=time.perf_counter)
     events: Iterator | None = None
     decoding: bool = False
+    leased: float | None = None  # when its session's lease was last taken or renewed
 
     @property
     def key(self) -> tuple | None:
@@ -52,6 +62,7 @@ class Worker:
         """`on_step`: given the seconds of each decoding step of a reply (after its first)."""
         self.store, self.max_queue, self.max_active = store, max_queue, max_active
         self.on_step = on_step
+        self.holder = f"{socket.gethostname()[:32]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.pending: deque[Job] = deque()
         self.active: list[Job] = []
         self.busy: set[tuple] = set()  # the conversations of active replies
@@ -101,6 +112,8 @@ class Worker:
             if job.key is not None and job.key in self.busy:
                 continue
             self.pending.remove(job)
+            if job.key is not None and not self._lease(job):
+                continue
             if job.key is not None:
                 self.busy.add(job.key)
             job.events = chat.events(job.reply, store=self.store, cancel=job.cancel, pauses=True)
@@ -118,6 +131,8 @@ class Worker:
                 running = list(self.active)
             for job in running:
                 self._step(job)
+                if job.leased is not None and time.monotonic() - job.leased > LEASE_TTL_S / 3:
+                    self._renew(job)
 
     def _step(self, job: Job) -> None:
         """Advance one reply by one item. Its end (the outcome, or an error) is emitted once
@@ -146,3 +161,41 @@ class Worker:
             if job in self.active:
                 self.active.remove(job)
             self.busy.discard(job.key)
+        if job.leased is not None:
+            job.leased = None
+            tenant, session_id = job.key
+            self.store.release_lease(session_id, self.holder, tenant=tenant)
+
+    # -- leases (servers sharing a store) ---------------------------------------------------------
+
+    def _lease(self, job: Job) -> bool:
+        """Take the lease of the job's session; False (the job answered 409) while another
+        server holds it. Held by another since this server last had it, the session is read
+        afresh from the store: what this process holds of it is out of date."""
+        if self.store is None:
+            return True
+        tenant, session_id = job.key
+        try:
+            lease = self.store.acquire_lease(session_id, self.holder, ttl_s=LEASE_TTL_S,
+                                             tenant=tenant)  # fmt: skip
+        except Exception as e:  # the database is unreachable: the request fails, not the worker
+            job.emit(e)
+            return False
+        if lease is None:
+            job.emit(ApiError(409, f"session {session_id!r} is being written by another server; "
+                              "retry soon", code="session_leased",
+                              headers={"Retry-After": "1"}))  # fmt: skip
+            return False
+        if lease.previous not in ("", self.holder):
+            engine.forget(job.reply.model, session_id, self.store, tenant)
+        job.leased = time.monotonic()
+        return True
+
+    def _renew(self, job: Job) -> None:
+        """Keep a long reply's lease; lost (this server stalled past its time to live, and
+        another took it), the reply is cancelled."""
+        tenant, session_id = job.key
+        if self.store.acquire_lease(session_id, self.holder, ttl_s=LEASE_TTL_S,
+                                    tenant=tenant) is None:  # fmt: skip
+            job.cancel.set()
+        job.leased = time.monotonic()

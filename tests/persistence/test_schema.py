@@ -17,17 +17,38 @@ from agentmem.persistence import StoreError
 from agentmem.persistence.database import head
 from agentmem.persistence.schema import Base
 
-TABLES = {"tenants", "sessions", "messages", "segments", "session_segments", "store_info"}
+TABLES = {"tenants", "sessions", "messages", "segments", "session_segments", "store_info",
+          "session_leases"}  # fmt: skip
 
 
 def test_schema_made_by_migration_at_head(store):
     with store._engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
-        assert head() == "0001"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert head() == "0002"
         assert set(inspect(conn).get_table_names()) == TABLES | {"alembic_version"}
         # The migration and the ORM classes describe the same schema.
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
         assert diff == []
+
+
+def test_a_database_of_the_first_revision_is_migrated_when_opened(tmp_path):
+    from alembic import command
+    from alembic.config import Config
+
+    from agentmem.persistence import Store
+    from agentmem.persistence.database import MIGRATIONS, make_engines
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    _, write = make_engines(url)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with write.begin() as connection:  # a store made before session leases existed
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+    with Store(url, tmp_path / "root") as store:
+        with store._engine.connect() as conn:
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert store.acquire_lease("s", "server-1") is not None  # the new table is there
 
 
 def test_sqlite_connections_use_wal_busy_timeout_and_foreign_keys(store, backend):
