@@ -8,7 +8,10 @@ from __future__ import annotations
 import atexit
 import functools
 import shutil
+import socket
 import tempfile
+import threading
+import time
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -91,3 +94,27 @@ def model_dir() -> str:
     tiny_qwen(tokenizer).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_server(app, port: int, timeout_s: float = 600):
+    """Serve an ASGI `app` (`agentmem.server.app.create_app`) with uvicorn on loopback in a
+    thread of this process; returns (server, thread) once it listens (its model is loaded).
+    Stop it with `server.should_exit = True` and `thread.join()`."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.05)
+    return server, thread

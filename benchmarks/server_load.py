@@ -3,7 +3,8 @@ turns each, every turn re-sending the whole conversation (as OpenAI clients do) 
 its reply. The server runs in this process (uvicorn in a thread, as the server's tests run it),
 on a throwaway SQLite store; the clients are threads speaking real HTTP on loopback.
 
-Reported: requests/s over the whole run, time to first token (from sending the request to its
+Reported, beside a baseline measured first in the same run (one client alone, the same turns):
+requests/s over the whole run, time to first token (from sending the request to its
 first chunk with text) and latency (to `data: [DONE]`), p50/p95 over every turn and per turn
 number, and the tokens each turn read from memory; a JSON file and a printed table.
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import tempfile
 import threading
@@ -28,31 +28,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is imported: never fetch
 
 import httpx  # noqa: E402
-import uvicorn  # noqa: E402
 
 from agentmem.chat import engine  # noqa: E402
 from agentmem.persistence import Store  # noqa: E402
 from agentmem.server.app import create_app  # noqa: E402
+from agentmem.testing import free_port, run_server  # noqa: E402
 
 KEY = "bench-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(app, port: int) -> tuple[uvicorn.Server, threading.Thread]:
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 600
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start")
-        time.sleep(0.05)
-    return server, thread
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -103,8 +85,9 @@ def streamed_turn(http: httpx.Client, body: dict) -> dict:
     }
 
 
-def client(url: str, model: str, index: int, turns: int, max_tokens: int, start) -> list[dict]:
-    session_id = f"bench-{index}"
+def client(url: str, model: str, index: int, turns: int, max_tokens: int, start,
+           prefix: str = "bench") -> list[dict]:  # fmt: skip
+    session_id = f"{prefix}-{index}"
     history: list[dict] = [{"role": "system", "content": "You are a helpful assistant."}]
     rows = []
     with httpx.Client(
@@ -132,6 +115,20 @@ def client(url: str, model: str, index: int, turns: int, max_tokens: int, start)
             row.pop("text")
             rows.append(row)
     return rows
+
+
+def load(url: str, model: str, clients: int, turns: int, max_tokens: int,
+         prefix: str) -> tuple[list[dict], float]:  # fmt: skip
+    """`clients` clients at once (each its own session), `turns` turns each: (rows, wall s)."""
+    start = threading.Barrier(clients)
+    began = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        futures = [
+            pool.submit(client, url, model, i, turns, max_tokens, start, prefix)
+            for i in range(clients)
+        ]
+        rows = [r for f in futures for r in f.result()]
+    return rows, time.perf_counter() - began
 
 
 def summary_of(rows: list[dict]) -> dict:
@@ -201,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
             max_active=args.max_active,
         )  # fmt: skip
         loading = time.perf_counter()
-        server, thread = start_server(app, free_port())
+        server, thread = run_server(app, free_port())
         load_s = time.perf_counter() - loading
         url = f"http://127.0.0.1:{server.config.port}"
         try:
@@ -210,22 +207,15 @@ def main(argv: list[str] | None = None) -> dict:
                 {"model": model, "messages": [{"role": "user", "content": "warm up"}],
                  "max_tokens": 2, "stream": True},
             )  # fmt: skip
-            start = threading.Barrier(args.clients)
-            began = time.perf_counter()
-            with ThreadPoolExecutor(args.clients) as pool:
-                futures = [
-                    pool.submit(client, url, model, i, args.turns, args.max_tokens, start)
-                    for i in range(args.clients)
-                ]
-                per_client = [f.result() for f in futures]
-            wall = time.perf_counter() - began
+            # The baseline, in the same run: one client alone, the same turns.
+            alone, alone_wall = load(url, model, 1, args.turns, args.max_tokens, "alone")
+            rows, wall = load(url, model, args.clients, args.turns, args.max_tokens, "bench")
         finally:
             server.should_exit = True
             thread.join(timeout=60)
             store.close()
             engine._threads.clear()
 
-    rows = [r for rs in per_client for r in rs]
     requests_per_s = len(rows) / wall
     overall = summary_of(rows)
     per_turn = {
@@ -239,10 +229,16 @@ def main(argv: list[str] | None = None) -> dict:
         "requests_per_s": requests_per_s,
         "completion_tokens_per_s": sum(r["completion_tokens"] or 0 for r in rows) / wall,
         "summary": overall, "per_turn": per_turn, "rows": rows,
+        "alone": {"requests_per_s": len(alone) / alone_wall, "summary": summary_of(alone)},
     }  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(table(overall, per_turn, requests_per_s))
+    base = result["alone"]["summary"]
+    print(
+        f"baseline, one client alone: ttft p50 {base['ttft_p50_s']:.3f}s, latency p50 "
+        f"{base['latency_p50_s']:.3f}s, {result['alone']['requests_per_s']:.2f} requests/s"
+    )
     print(f"wrote {out}")
     return result
 

@@ -13,7 +13,7 @@ import pytest
 from agentmem.chat import engine
 from agentmem.persistence import Store
 from agentmem.server.app import create_app
-from tests.server.conftest import free_port, run_server
+from agentmem.testing import free_port, run_server
 
 pytestmark = pytest.mark.slow
 

@@ -4,19 +4,16 @@ thread of the test process, so the tests reach it over real HTTP."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-import uvicorn
 
 from agentmem import testing
 from agentmem.chat import engine
 from agentmem.persistence import Store
 from agentmem.server.app import create_app
+from agentmem.testing import free_port, run_server
 
 KEYS = {"key-alice": "alice", "key-bob": "bob"}
 
@@ -30,24 +27,6 @@ class LiveServer:
     @property
     def v1(self) -> str:
         return self.url + "/v1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_server(app, port: int) -> tuple[uvicorn.Server, threading.Thread]:
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
-    return server, thread
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server.conftest import free_port
+from agentmem.testing import free_port
 
 HEADERS = {"Authorization": "Bearer key-alice"}
 MAX_TOKENS = 6

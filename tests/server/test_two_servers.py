@@ -9,8 +9,8 @@ import pytest
 
 from agentmem.persistence import Store
 from agentmem.server.app import create_app
+from agentmem.testing import free_port, run_server
 from tests.persistence.conftest import postgres_server  # noqa: F401  (a fixture)
-from tests.server.conftest import free_port, run_server
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from agentmem.chat import engine
 from agentmem.persistence import Store
 from agentmem.server.app import create_app
 
-from .conftest import free_port, run_server
+from agentmem.testing import free_port, run_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
