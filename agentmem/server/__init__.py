@@ -33,6 +33,8 @@ def serve(
     max_queue: int = 64,
 ) -> None:
     """Serve `model` until interrupted."""
+    import socket
+
     import uvicorn
 
     from agentmem.persistence import Store
@@ -40,5 +42,6 @@ def serve(
 
     keys = read_api_keys(api_keys) if api_keys else None
     with Store(store_url, store_root) as store:
-        app = create_app(model, store, api_keys=keys, max_queue=max_queue)
+        server_id = f"{socket.gethostname()[:48]}:{port}"  # one process listens there at a time
+        app = create_app(model, store, api_keys=keys, max_queue=max_queue, server_id=server_id)
         uvicorn.run(app, host=host, port=port, log_level="info")

@@ -53,10 +53,13 @@ def create_app(
     api_keys: dict[str, str] | None = None,
     max_queue: int = 64,
     max_active: int = 8,
+    server_id: str | None = None,
 ) -> FastAPI:
     """The app serving `model` (a built-in name or a path) with sessions in `store`.
     `api_keys`: key -> tenant (every request then needs `Authorization: Bearer <key>`); None:
-    no keys, every request is the "default" tenant's."""
+    no keys, every request is the "default" tenant's. `server_id`: its name in the store's
+    session leases (`agentmem serve`: host and port, so that a restart there resumes its
+    sessions at once); default: a name of its own."""
     holder: dict[str, Any] = {}
 
     def memory_tokens() -> int:
@@ -71,7 +74,11 @@ def create_app(
     async def lifespan(app: FastAPI):
         await asyncio.to_thread(chat.language_model, model)  # loaded before the first request
         worker = holder["worker"] = Worker(
-            store, max_queue=max_queue, max_active=max_active, on_step=metrics.step.observe
+            store,
+            max_queue=max_queue,
+            max_active=max_active,
+            on_step=metrics.step.observe,
+            holder=server_id,
         )
         worker.start()
         try:
@@ -194,7 +201,10 @@ def create_app(
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        result = await completion.whole()
+        try:
+            result = await completion.whole()
+        except Exception as e:  # answered here: the server's error middleware would log it
+            raise _as_api_error(e) from None
         metrics.latency.observe(time.perf_counter() - arrived)
         completion.count(metrics)
         return JSONResponse(result)

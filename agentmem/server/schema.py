@@ -119,6 +119,7 @@ class ChatCompletionRequest(_Body):
 
 def reply(body: ChatCompletionRequest, *, model: str, session_id: str | None, tenant: str) -> Reply:
     """The reply a request asks for; raises `ApiError` (400) for what no reply can be."""
+    _check_text(body.model_dump(exclude_none=True), "")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 4 or any(not s for s in stop):
         raise ApiError(400, "stop takes at most 4 non-empty strings", param="stop")

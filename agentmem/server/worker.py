@@ -58,11 +58,15 @@ class Worker:
         max_queue: int = 64,
         max_active: int = 8,
         on_step: Callable[[float], None] | None = None,
+        holder: str | None = None,
     ) -> None:
-        """`on_step`: given the seconds of each decoding step of a reply (after its first)."""
+        """`on_step`: given the seconds of each decoding step of a reply (after its first).
+        `holder`: this server's name in the store's leases (default: one of its own)."""
         self.store, self.max_queue, self.max_active = store, max_queue, max_active
         self.on_step = on_step
-        self.holder = f"{socket.gethostname()[:32]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # A server restarted under the same name takes its leases back at once; other servers
+        # wait for a dead one's leases to expire.
+        self.holder = holder or f"{socket.gethostname()[:32]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.pending: deque[Job] = deque()
         self.active: list[Job] = []
         self.busy: set[tuple] = set()  # the conversations of active replies

@@ -27,8 +27,9 @@ MAX_TOKENS = 6
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
 
 
-def start(model: str, root: Path, keys: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def start(model: str, root: Path, keys: Path, log: Path,
+          port: int | None = None) -> tuple[subprocess.Popen, str]:  # fmt: skip
+    port = port or free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
         [
@@ -132,7 +133,9 @@ def test_sigkill_mid_stream_keeps_finished_sessions(tiny_model, tmp_path):
             process.kill()
             process.wait(timeout=30)
 
-    process, url = start(tiny_model, root, keys, log)
+    # Restarted where it listened (its name in the store's leases: host and port), it takes
+    # back the lease of the session its reply was killed in at once.
+    process, url = start(tiny_model, root, keys, log, port=int(url.rsplit(":", 1)[1]))
     try:
         with httpx.Client(base_url=url, headers=HEADERS, timeout=120) as http:
             after = snapshot(http)
