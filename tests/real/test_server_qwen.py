@@ -14,22 +14,11 @@ from agentmem.chat import engine
 from agentmem.persistence import Store
 from agentmem.server.app import create_app
 from agentmem.testing import free_port, run_server
+from tests.real.test_qwen import WEATHER
 
 pytestmark = pytest.mark.slow
 
 MODEL = "qwen2.5-coder-0.5b-instruct"
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The current weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
 
 
 def serving(root):

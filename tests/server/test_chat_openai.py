@@ -3,27 +3,12 @@ The tiny model writes random text: the tests check structure and usage, never wo
 
 from __future__ import annotations
 
-import pytest
+import langchain_openai
+from langchain_core.messages import AIMessage, AIMessageChunk
 
-langchain_openai = pytest.importorskip("langchain_openai")
-from langchain_core.messages import AIMessage, AIMessageChunk  # noqa: E402
+from tests.server.test_openai_client import WEATHER  # an enum: short arguments
 
 QUESTION = "What is the weather in Paris?"
-
-
-# An enum keeps the random model's arguments short: the grammar decodes listed values.
-GET_WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "enum": ["Paris", "warm"]}},
-            "required": ["city"],
-        },
-    },
-}
 
 
 def chat_model(live_server, **kwargs) -> langchain_openai.ChatOpenAI:
@@ -78,9 +63,7 @@ def test_stream_usage_puts_usage_metadata_on_the_streamed_sum(live_server):
 
 def test_bind_tools_with_a_forced_choice_gives_a_tool_call(live_server):
     """bind_tools with tool_choice naming the tool: a parsed tool call of that tool."""
-    model = chat_model(live_server, max_tokens=40).bind_tools(
-        [GET_WEATHER], tool_choice="get_weather"
-    )
+    model = chat_model(live_server, max_tokens=40).bind_tools([WEATHER], tool_choice="get_weather")
     reply = model.invoke(QUESTION)
     assert reply.tool_calls, reply
     call = reply.tool_calls[0]
