@@ -122,9 +122,11 @@ def choose(
     if banned:
         ids = torch.tensor(sorted(i for i in banned if 0 <= i < vocab), dtype=torch.long)
         scores = scores.index_fill(-1, ids.to(scores.device), -math.inf)
-    if spec.temperature == 0:
+    if spec.temperature < torch.finfo(scores.dtype).tiny:  # 0, or 0 in the scores' dtype
         return scores.argmax(dim=-1)
-    scores = scores / spec.temperature
+    # Shifted so that the likeliest is 0 first: a tiny temperature then sends the others to -inf
+    # (greedy, its limit) instead of every score to inf (no distribution at all).
+    scores = (scores - scores.amax(dim=-1, keepdim=True)) / spec.temperature
     if 0 < spec.top_k < vocab:
         kth = scores.topk(spec.top_k, dim=-1).values[:, -1:]  # [B, 1]
         scores = scores.masked_fill(scores < kth, -math.inf)

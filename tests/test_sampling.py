@@ -27,6 +27,14 @@ def test_greedy_and_temperature_zero_are_argmax():
     assert GREEDY.is_greedy and not Sampling(temperature=0.5).is_greedy
 
 
+@pytest.mark.parametrize("temperature", [1e-200, 1e-30, 1e-6])
+def test_a_tiny_temperature_is_greedy_not_a_failure(temperature):
+    """Dividing the logits by 1e-200 made every score inf (found by fuzzing the server)."""
+    x = logits()
+    spec = Sampling(temperature=temperature, seed=3)
+    assert torch.equal(choose(x, spec, generator=spec.generator(x.device)), x.argmax(-1))
+
+
 def test_a_seed_gives_the_same_draws_and_draws_vary():
     x = logits()
     spec = Sampling(temperature=1.0, seed=7)
