@@ -93,10 +93,11 @@ class Completion:
     outcome: Outcome
 
 
-def complete(reply: Reply, *, store: Any = None) -> Completion:
+def complete(reply: Reply, *, store: Any = None,
+             cancel: threading.Event | None = None) -> Completion:  # fmt: skip
     """The reply decoded to its end (`events`, collected)."""
     text, calls, outcome = [], [], None
-    for item in events(reply, store=store):
+    for item in events(reply, store=store, cancel=cancel):
         if isinstance(item, Outcome):
             outcome = item
         elif item.call is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import agentmem
@@ -57,6 +57,12 @@ def thread(lm_name: str, session_id: str | None, store: Any, tenant: str) -> Thr
         if found is None:
             found = _threads[key] = Thread(key=key)
         return found
+
+
+def tokens_held() -> int:
+    """The tokens every conversation open in this process holds (`agentmem serve`'s metric)."""
+    with _threads_lock:
+        return sum(len(th.held) for th in _threads.values())
 
 
 def forget(lm_name: str, session_id: str, store: Any, tenant: str) -> bool:
@@ -204,6 +210,7 @@ class Run:
         if held[: len(first)] == first:
             return None
         self.outcome.appended = True
+        continuation = _with_forced(continuation, self.request.forced)
         end, eos = render.reply_end(tok), tok.eos_token or ""
         if held[-1] in eos_ids(self.lm) and eos and end.startswith(eos):
             end = end[len(eos) :]  # the model wrote its end of turn
@@ -260,11 +267,7 @@ class Run:
 
     def _run(self) -> Iterator[str]:
         request, outcome, th = self.request, self.outcome, self.th
-        pieces = _with_forced(request.pieces, request.forced)
-        if request.continuation is not None:
-            continuation = _with_forced(request.continuation, request.forced)
-            self.request = request = replace(request, continuation=continuation)
-        plan = self._open(pieces)
+        plan = self._open(_with_forced(request.pieces, request.forced))
         if self.store is not None and th.key[3] is not None:  # the stored branch it continues
             outcome.session_id = _branch_id(th.key[3], th.branch)
         outcome.cached_tokens = len(th.held)

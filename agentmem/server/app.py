@@ -59,13 +59,10 @@ def create_app(
     sessions at once); default: a name of its own."""
     holder: dict[str, Any] = {}
 
-    def memory_tokens() -> int:
-        return sum(len(th.held) for th in list(engine._threads.values()))
-
     def depth() -> tuple[int, int]:
         return holder["worker"].depth() if "worker" in holder else (0, 0)
 
-    metrics = Metrics(depth, memory_tokens)
+    metrics = Metrics(depth, engine.tokens_held)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

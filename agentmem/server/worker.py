@@ -180,8 +180,7 @@ class Worker:
             return True
         tenant, session_id = job.key
         try:
-            lease = self.store.acquire_lease(session_id, self.holder, ttl_s=LEASE_TTL_S,
-                                             tenant=tenant)  # fmt: skip
+            lease = self._acquire(job)
         except Exception as e:  # the database is unreachable: the request fails, not the worker
             job.emit(e)
             return False
@@ -198,8 +197,11 @@ class Worker:
     def _renew(self, job: Job) -> None:
         """Keep a long reply's lease; lost (this server stalled past its time to live, and
         another took it), the reply is cancelled."""
-        tenant, session_id = job.key
-        if self.store.acquire_lease(session_id, self.holder, ttl_s=LEASE_TTL_S,
-                                    tenant=tenant) is None:  # fmt: skip
+        if self._acquire(job) is None:
             job.cancel.set()
         job.leased = time.monotonic()
+
+    def _acquire(self, job: Job):
+        """Take or renew the lease of the job's session (None: another server holds it)."""
+        tenant, session_id = job.key
+        return self.store.acquire_lease(session_id, self.holder, ttl_s=LEASE_TTL_S, tenant=tenant)

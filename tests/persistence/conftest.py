@@ -7,7 +7,6 @@ import itertools
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from agentmem.persistence import Store
+from agentmem.testing import free_port
 
 INSTALL = "install Debian's `postgresql` package (apt-get install -y postgresql)"
 
@@ -31,12 +31,6 @@ def pg_bindir() -> Path:
         if (bindir / "initdb").is_file() and (bindir / "pg_ctl").is_file():
             return bindir
     pytest.fail(f"PostgreSQL server binaries (initdb, pg_ctl) not found: {INSTALL}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PostgresServer:

@@ -51,3 +51,17 @@ def live_server(tiny_model, tmp_path, request) -> Iterator[LiveServer]:
         thread.join(timeout=60)
         store.close()
         engine._threads.clear()
+
+
+def chat_turn(http, model: str, session_id: str, history: list[dict], text: str,
+              max_tokens: int = 6) -> dict:  # fmt: skip
+    """One turn over `http` (an httpx client on the server): the user's `text` and the reply
+    appended to `history`, the whole of it sent; the reply's JSON (a 200 is asserted)."""
+    history.append({"role": "user", "content": text})
+    body = {"model": model, "messages": history, "max_tokens": max_tokens,
+            "session_id": session_id}  # fmt: skip
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, (session_id, response.text)
+    reply = response.json()
+    history.append({"role": "assistant", "content": reply["choices"][0]["message"]["content"]})
+    return reply

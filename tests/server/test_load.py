@@ -11,6 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from tests.server.conftest import chat_turn
+
 CLIENTS, TURNS, MAX_TOKENS = 8, 4, 6
 HEADERS = {"Authorization": "Bearer key-alice"}
 MARKER = re.compile(r"client\d+-turn\d+")
@@ -29,24 +31,8 @@ def converse(url: str, model: str, client: int, start: threading.Barrier) -> lis
     with httpx.Client(base_url=url, headers=HEADERS, timeout=300) as http:
         start.wait()
         for turn in range(1, TURNS + 1):
-            history.append(
-                {"role": "user", "content": f"{marker(client, turn)}: say something, please."}
-            )
-            response = http.post(
-                "/v1/chat/completions",
-                json={
-                    "model": model,
-                    "messages": history,
-                    "max_tokens": MAX_TOKENS,
-                    "session_id": session_id,
-                },
-            )
-            assert response.status_code == 200, (client, turn, response.text)
-            body = response.json()
-            replies.append(body)
-            history.append(
-                {"role": "assistant", "content": body["choices"][0]["message"]["content"]}
-            )
+            text = f"{marker(client, turn)}: say something, please."
+            replies.append(chat_turn(http, model, session_id, history, text, MAX_TOKENS))
     return replies
 
 

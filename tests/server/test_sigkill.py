@@ -20,9 +20,9 @@ import httpx
 import pytest
 
 from agentmem.testing import free_port
+from tests.server.conftest import chat_turn
 
 HEADERS = {"Authorization": "Bearer key-alice"}
-MAX_TOKENS = 6
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
 
@@ -67,23 +67,6 @@ def start(model: str, root: Path, keys: Path, log: Path,
         time.sleep(0.2)
 
 
-def turn(http: httpx.Client, model: str, session_id: str, history: list[dict], text: str) -> dict:
-    history.append({"role": "user", "content": text})
-    response = http.post(
-        "/v1/chat/completions",
-        json={
-            "model": model,
-            "messages": history,
-            "max_tokens": MAX_TOKENS,
-            "session_id": session_id,
-        },  # fmt: skip
-    )
-    assert response.status_code == 200, response.text
-    body = response.json()
-    history.append({"role": "assistant", "content": body["choices"][0]["message"]["content"]})
-    return body
-
-
 def snapshot(http: httpx.Client) -> dict[str, dict]:
     listed = http.get("/v1/sessions")
     assert listed.status_code == 200, listed.text
@@ -106,7 +89,9 @@ def test_sigkill_mid_stream_keeps_finished_sessions(tiny_model, tmp_path):
         with httpx.Client(base_url=url, headers=HEADERS, timeout=120) as http:
             for session_id, history in histories.items():
                 for n in (1, 2):
-                    body = turn(http, tiny_model, session_id, history, f"{session_id} turn {n}")
+                    body = chat_turn(
+                        http, tiny_model, session_id, history, f"{session_id} turn {n}"
+                    )
                 usage = body["usage"]
                 held[session_id] = usage["prompt_tokens"] + usage["completion_tokens"]
             before = snapshot(http)
@@ -152,12 +137,12 @@ def test_sigkill_mid_stream_keeps_finished_sessions(tiny_model, tmp_path):
                 if killed["tokens"] == 0:
                     assert killed["messages"] == []
             # the killed conversation can go on: re-sent, it gets what the session holds
-            c = turn(http, tiny_model, "c", [], "c turn 1: write at length")
+            c = chat_turn(http, tiny_model, "c", [], "c turn 1: write at length")
             held_c = 0 if killed is None else killed["tokens"]
             assert c["usage"]["prompt_tokens_details"]["cached_tokens"] <= held_c
 
             # the next turn of "a", re-sending the whole conversation, is served from memory
-            body = turn(http, tiny_model, "a", histories["a"], "a turn 3")
+            body = chat_turn(http, tiny_model, "a", histories["a"], "a turn 3")
             assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == held["a"]
             assert not body["agentmem"]["forked"]
             assert (

@@ -347,19 +347,13 @@ class ChatAgentMem(BaseChatModel):
         return {"usage_metadata": usage, "response_metadata": metadata}
 
     def _result(self, call: chat.Reply, cancel: threading.Event | None = None) -> ChatResult:
-        text, calls, invalid = [], [], []
-        outcome = None
-        for item in self._events(call, cancel):
-            if isinstance(item, _engine.Outcome):
-                outcome = item
-            elif item.call is not None:
-                (calls if item.call["type"] == "tool_call" else invalid).append(item.call)
-            else:  # text (a call's head and arguments come whole in its `call`)
-                text.append(item.text)
+        done = chat.complete(call, store=self.store, cancel=cancel)
+        calls = [c for c in done.tool_calls if c["type"] == "tool_call"]
+        invalid = [c for c in done.tool_calls if c["type"] != "tool_call"]
         message = AIMessage(
-            content="".join(text), tool_calls=calls, invalid_tool_calls=invalid,
-            additional_kwargs=_as_written(outcome, [c["id"] for c in calls + invalid]),
-            **self._finish(call, outcome, bool(calls)),
+            content=done.text, tool_calls=calls, invalid_tool_calls=invalid,
+            additional_kwargs=_as_written(done.outcome, [c["id"] for c in calls + invalid]),
+            **self._finish(call, done.outcome, bool(calls)),
         )  # fmt: skip
         return ChatResult(generations=[ChatGeneration(message=message)])
 
