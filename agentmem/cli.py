@@ -23,6 +23,7 @@ CONFIG_FLAGS = {
     "n_init": int,
     "n_local": int,
     "topk": int,
+    "query_window": int,
     "repr_topk": int,
     "repr": str,
     "exec_chunk": int,

@@ -26,17 +26,24 @@ class MemoryConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    unit_size: int = Field(128, gt=0, description="tokens per memory unit")
+    unit_size: int = Field(64, gt=0, description="tokens per memory unit")
     n_init: int = Field(64, ge=0, description="first tokens of the stream, always attended (sinks)")
     n_local: int = Field(
         960, gt=0, description="most recent tokens, always attended (local window)"
     )
     topk: int = Field(
-        8, ge=0, description="memory units retrieved per step (prefill chunk or token)"
+        16, ge=0, description="memory units retrieved per step (prefill chunk or token)"
     )
-    repr_topk: int = Field(4, gt=0, description="representative keys per unit")
+    query_window: int = Field(
+        32,
+        gt=0,
+        description="queries that choose a step's units: a step of fewer tokens (decoding, the "
+        "last token of an append) scores the units with its own queries and those of the tokens "
+        "just before it, up to this many; 1: its own only",
+    )
+    repr_topk: int = Field(8, gt=0, description="representative keys per unit")
     repr: Representative = Field(
-        "attention",
+        "mean",
         description="attention: the repr_topk keys that received most attention; mean: means of "
         "repr_topk equal slices; minmax: per-slice min/max bounding boxes (Quest)",
     )
@@ -100,12 +107,23 @@ class MemoryConfig(BaseModel):
 
 
 PRESETS: dict[str, MemoryConfig] = {
-    # 2048 keys per query: 64 sinks + 8 x 128 retrieved + 960 local.
+    # 2048 keys per query: 64 sinks + 16 x 64 retrieved + 960 local; each unit scored by the
+    # means of its eight 8-token slices, with the latest 32 queries (benchmarks/RESULTS.md).
     "default": MemoryConfig(),
-    # A 4K window for long contexts on GPU: 128 sinks + 16 x 128 retrieved + 1920 local.
-    "4k": MemoryConfig(n_init=128, topk=16, n_local=1920, exec_chunk=1024),
-    # The InfLLM paper's layout (its Mistral config).
-    "infllm-paper": MemoryConfig(n_init=128, topk=16, n_local=4096, repr_topk=4, exec_chunk=512),
+    # A 4K window for long contexts on GPU: 128 sinks + 32 x 64 retrieved + 1920 local.
+    "4k": MemoryConfig(n_init=128, topk=32, n_local=1920, exec_chunk=1024),
+    # The InfLLM paper's layout (its Mistral config): 128-token units, each represented by the 4
+    # keys that received most attention, chosen by the step's own queries.
+    "infllm-paper": MemoryConfig(
+        n_init=128,
+        unit_size=128,
+        topk=16,
+        n_local=4096,
+        repr="attention",
+        repr_topk=4,
+        query_window=1,
+        exec_chunk=512,
+    ),  # fmt: skip
     # ReAttention's rule: the window renumbered 0..W-1, retrieved units in stream order.
     "contiguous": MemoryConfig(position="contiguous"),
     # StreamingLLM baseline: sinks + local, the middle is dropped.

@@ -101,19 +101,31 @@ def test_generated_tokens_enter_memory(lm):
     assert session.cache.memory_layers[0].seen == len(session.tokens)
 
 
-def test_the_answering_token_retrieves_for_itself(tokenizer, monkeypatch):
-    lm = LanguageModel(build("gemma3"), tokenizer, SMALL)
-    steps = []
-    real = memory_layer.MemoryLayer._retrieve
+@pytest.mark.parametrize("query_window", [1, 32])
+def test_the_answering_token_retrieves_for_itself(tokenizer, monkeypatch, query_window):
+    """The last token of an append is a step of its own; it chooses units with its own query
+    and (query_window > 1) those of the tokens before it."""
+    memory = SMALL.model_copy(update={"query_window": query_window})
+    lm = LanguageModel(build("gemma3"), tokenizer, memory)
+    steps, scored = [], []
+    real_scoring, real_retrieve = (
+        memory_layer.MemoryLayer._scoring_queries, memory_layer.MemoryLayer._retrieve
+    )  # fmt: skip
 
-    def spy(self, q, scale):
+    def spy_scoring(self, q):
         steps.append(q.shape[2])
-        return real(self, q, scale)
+        return real_scoring(self, q)
 
-    monkeypatch.setattr(memory_layer.MemoryLayer, "_retrieve", spy)
+    def spy_retrieve(self, q, scale):
+        scored.append(q.shape[2])
+        return real_retrieve(self, q, scale)
+
+    monkeypatch.setattr(memory_layer.MemoryLayer, "_scoring_queries", spy_scoring)
+    monkeypatch.setattr(memory_layer.MemoryLayer, "_retrieve", spy_retrieve)
     lm.session().append(TEXT)
     assert steps[-1] == 1
-    assert max(steps) == SMALL.exec_chunk
+    assert max(steps) == memory.exec_chunk
+    assert scored[-1] == query_window
 
 
 def test_recalled_reports_retrieved_spans_and_text(tokenizer):

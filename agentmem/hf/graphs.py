@@ -106,6 +106,11 @@ class StaticSteps:
             + [layer.counts.clone()]
             for layer in self.layers
         ]
+        # The latest queries (query_window > 1), which the step shifts in place; made by it if
+        # none were kept yet (zeros then: the state before it).
+        saved_queries = [
+            None if layer.recent_q is None else layer.recent_q.clone() for layer in self.layers
+        ]
         saved_sliding = [(layer.k.clone(), layer.v.clone()) for layer in self.sliding]
         stream = torch.cuda.Stream() if self.input_ids.is_cuda else None
         if stream is not None:
@@ -120,6 +125,11 @@ class StaticSteps:
                 targets = [part.buffer for part in (*layer.local, layer.local_rotated)]
                 for target, copy in zip([*targets, layer.counts], copies, strict=True):
                     target.copy_(copy)
+            for layer, queries in zip(self.layers, saved_queries, strict=True):
+                if queries is not None:
+                    layer.recent_q.copy_(queries)
+                elif layer.recent_q is not None:
+                    layer.recent_q.zero_()
             for layer, (k, v) in zip(self.sliding, saved_sliding, strict=True):
                 layer.k.copy_(k)
                 layer.v.copy_(v)

@@ -44,6 +44,9 @@ class MemoryLayer:
         self.local_rotated = GrowingTensor()
         self.dropped = 0  # tokens discarded (streaming)
         self.last_ids: torch.Tensor | None = None  # [B, Hkv, k] units retrieved by the last step
+        # [B, Hq, query_window, D]: the latest queries, rotated to the scoring distance (zeros
+        # before any: a zero query adds the same mass to every unit, so it changes no choice).
+        self.recent_q: torch.Tensor | None = None
         self.pending = PendingKV()
         self.counts: torch.Tensor | None = None  # static mode: [local length, units] int32
         self.static_tokens = 1  # tokens per static step
@@ -78,6 +81,7 @@ class MemoryLayer:
             "local_v": self.local_v,
             "local_mass": self.local_mass,
             "last_ids": self.last_ids,
+            "recent_q": self.recent_q,
         }
         meta = {
             "kind": "memory",
@@ -98,7 +102,7 @@ class MemoryLayer:
         meta, tensors = state["meta"], state["tensors"]
         if meta.get("kind") != "memory":
             raise ValueError(f"not a memory layer's state (kind {meta.get('kind')!r})")
-        if meta["memory"] != self.config.model_dump():
+        if MemoryConfig(**meta["memory"]) != self.config:  # a field added since: its default
             raise ValueError(
                 f"this state was made with the memory layout {meta['memory']}, which is not this "
                 f"layer's {self.config.model_dump()}; load it with the layout it was made with"
@@ -132,6 +136,7 @@ class MemoryLayer:
             cos, sin = self._table(local_k.shape[2], local_k.device)
             self.local_rotated.append(rope(local_k.float(), cos, sin).to(local_k.dtype))
         self.last_ids = tensors.get("last_ids")
+        self.recent_q = tensors.get("recent_q")
         self.pending.clear()
 
     @property
@@ -253,8 +258,9 @@ class MemoryLayer:
         self._make_room(k.shape[2])
         self._append_local(k, v)
         self.last_ids = None
-        if self.config.retrieves and self.units.n_units:
-            self.last_ids = self._retrieve(q, scale)
+        scoring = self._scoring_queries(q) if cfg.retrieves else None
+        if cfg.retrieves and self.units.n_units:
+            self.last_ids = self._retrieve(scoring, scale)
             self.units.fault_in(self.last_ids)  # a lazily resumed memory reads them now
         if self.reads_in_place:
             return self._attend_in_place(q, scale, self.last_ids, self.n_local)
@@ -322,10 +328,33 @@ class MemoryLayer:
             unit_start=self.units.start,
         )
 
+    def _scoring_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """The queries that choose this step's units, rotated to the scoring distance: the
+        step's own, preceded (a step of fewer than `query_window` tokens) by the latest ones
+        before it, so that a decoded token chooses with the question it answers. The latest
+        `query_window` are kept for the next step (in place: a captured step's buffer)."""
+        # Scored as if each unit sat just beyond the local window, where it will be attended.
+        distance = min(self.config.n_local, self.rotary.max_positions - 1)
+        cos, sin = self.rotary.table(distance + 1, q.dtype, q.device)
+        q = rope(q, cos[distance], sin[distance])
+        size = self.config.query_window
+        if size == 1:
+            return q
+        if self.recent_q is None:
+            self.recent_q = q.new_zeros(*q.shape[:2], size, q.shape[3])
+        joined = torch.cat((self.recent_q, q), dim=2)
+        latest = joined[:, :, -size:]
+        if self.counts is not None:  # captured: the buffer stays where the graph reads it
+            self.recent_q.copy_(latest)
+        else:  # a new tensor: a state handed out before keeps what it held
+            self.recent_q = latest.clone()
+        return q if q.shape[2] >= size else latest
+
     def _retrieve(
         self, q: torch.Tensor, scale: float, n_units: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Ids [B, Hkv, k] of the units whose representatives best match the step's queries.
+        """Ids [B, Hkv, k] of the units whose representatives best match `q`, the step's scoring
+        queries (`_scoring_queries`).
 
         `n_units` (static mode): the device count of units; the pool's spare capacity is scored
         too, masked, so that shapes do not change from step to step.
@@ -334,14 +363,10 @@ class MemoryLayer:
         if n_units is None and self.units.n_units <= cfg.topk:
             ids = torch.arange(self.units.n_units, device=q.device)
             return ids.expand(*self.local_k.shape[:2], -1)
-        # Score as if each unit sat just beyond the local window, where it will be attended.
-        distance = min(cfg.n_local, self.rotary.max_positions - 1)
-        cos, sin = self.rotary.table(distance + 1, q.dtype, q.device)
         reps = self.units.reps.data if n_units is None else self.units.reps.buffer
         return score_units(
-            rope(q, cos[distance], sin[distance]), reps, kind=score_kind(cfg.repr),
-            scale=scale, k=cfg.topk, n_valid=n_units,
-        )  # fmt: skip
+            q, reps, kind=score_kind(cfg.repr), scale=scale, k=cfg.topk, n_valid=n_units
+        )
 
     # -- static steps (CUDA graphs) ----------------------------------------------------------
     #
@@ -379,6 +404,8 @@ class MemoryLayer:
         for part in (self.units.keys, self.units.values):
             part.reserve(unit_capacity * cfg.unit_size)
         self.units.reps.reserve(unit_capacity)
+        if self.recent_q is not None:  # captured steps write it in place: this layer's own
+            self.recent_q = self.recent_q.clone()
         self.counts = torch.zeros(2, dtype=torch.int32, device=self.local_k.device)
         self.static_tokens = tokens
         self._sync_counts()
@@ -443,7 +470,7 @@ class MemoryLayer:
         for part, new in zip(parts, (k, v, zeros, rotated), strict=True):
             part.buffer.index_copy_(2, slot, new)
         n_local.add_(1)
-        self.last_ids = self._retrieve(q, scale, n_units=self.counts[1:2])
+        self.last_ids = self._retrieve(self._scoring_queries(q), scale, n_units=self.counts[1:2])
         return self._attend_in_place(q, scale, self.last_ids, n_local)
 
     def _static_chunk(
@@ -473,7 +500,7 @@ class MemoryLayer:
         cos, sin = self._table(window, k.device)
         local_k = self.local[0].buffer[:, :, :window]
         self.local_rotated.buffer[:, :, :window] = rope(local_k.float(), cos, sin).to(k.dtype)
-        self.last_ids = self._retrieve(q, scale, n_units=self.counts[1:2])
+        self.last_ids = self._retrieve(self._scoring_queries(q), scale, n_units=self.counts[1:2])
         return self._attend_in_place(q, scale, self.last_ids, window)
 
     def attended_spans(self) -> list[tuple[int, int]]:

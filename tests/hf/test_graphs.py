@@ -40,9 +40,12 @@ def _twin_caches(model, prompt, memory=None):
 
 @pytest.mark.parametrize("position", ["infllm", "stacked"])
 @pytest.mark.parametrize("repr", ["attention", "mean"])
-def test_static_steps_equal_ordinary_steps(position, repr):
+@pytest.mark.parametrize("query_window", [1, 6])
+def test_static_steps_equal_ordinary_steps(position, repr, query_window):
     model, tokens = _model_and_tokens(0, 180, batch=2)
-    config = CONFIG.model_copy(update={"position": position, "repr": repr})
+    config = CONFIG.model_copy(
+        update={"position": position, "repr": repr, "query_window": query_window}
+    )
     prompt, follow = tokens[:, :100], tokens[:, 100:]
     ordinary, static = _twin_caches(model, prompt, config)
     # unit_room=1: the pool fills within the 80 steps and must grow (capture again)
@@ -57,6 +60,8 @@ def test_static_steps_equal_ordinary_steps(position, repr):
         assert a.units.n_units == b.units.n_units
         torch.testing.assert_close(b.local_mass, a.local_mass, atol=1e-4, rtol=1e-4)
         assert torch.equal(b.last_ids, a.last_ids)
+        if query_window > 1:  # the latest queries, shifted in place by the captured steps
+            torch.testing.assert_close(b.recent_q, a.recent_q, atol=1e-4, rtol=1e-4)
     decoder.close()
     torch.testing.assert_close(  # ordinary steps again, from where static decoding left off
         decode_one_token(model, static, follow[:, 0]),
@@ -116,9 +121,10 @@ def test_sliding_layers_start_static_steps_once_their_window_is_full():
         sliding.start_static(16)
 
 
-@pytest.mark.parametrize("repr", ["attention", "minmax"])
-def test_static_prefill_chunks_equal_ordinary_chunks(repr):
-    memory = CONFIG.model_copy(update={"repr": repr})  # chunks of 16 = 2 units of 8
+@pytest.mark.parametrize(("repr", "query_window"), [("attention", 1), ("minmax", 1), ("mean", 40)])
+def test_static_prefill_chunks_equal_ordinary_chunks(repr, query_window):
+    # chunks of 16 = 2 units of 8; a query window of 40 joins each chunk to earlier queries
+    memory = CONFIG.model_copy(update={"repr": repr, "query_window": query_window})
     model, tokens = _model_and_tokens(1, 300, batch=2, memory=memory)
     ordinary, static = _twin_caches(model, tokens[:, :60])
     steps = StaticSteps(model, static, tokens=16, unit_room=4)  # grows twice on the way
@@ -136,6 +142,7 @@ def test_static_prefill_chunks_equal_ordinary_chunks(repr):
         torch.testing.assert_close(b.units.keys.data, a.units.keys.data)
         torch.testing.assert_close(b.units.reps.data, a.units.reps.data)
         torch.testing.assert_close(b.local_mass, a.local_mass, atol=1e-4, rtol=1e-4)
+        assert torch.equal(b.last_ids, a.last_ids)
     with pytest.raises(ValueError, match="multiple of unit_size"):
         StaticSteps(model, static, tokens=12)
 

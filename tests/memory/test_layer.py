@@ -11,7 +11,7 @@ from agentmem.config import MemoryConfig
 from agentmem.memory.layer import MemoryLayer
 from agentmem.memory.representatives import representatives
 from agentmem.memory.sliding import SlidingLayer
-from agentmem_kernels import rope
+from agentmem_kernels import rope, score_units
 from tests.helpers import PlainRope
 
 D = 8
@@ -127,6 +127,62 @@ def test_retrieval_brings_back_the_unit_the_query_matches():
     assert layer.last_ids.shape == (1, 2, 2)
     assert (layer.last_ids == target).any(dim=-1).all()
     assert (first, end) in layer.attended_spans()
+
+
+@pytest.mark.parametrize("query_window", [1, 12])
+def test_a_decoded_token_chooses_units_with_the_queries_before_it(query_window):
+    """A question (a step of several tokens) asks for one unit; the tokens decoded after it ask
+    for nothing in particular. With a query window they keep choosing with the question's
+    queries, so its unit stays retrieved; each alone does not find it."""
+    config = CONFIG.model_copy(update={"query_window": query_window})
+    layer = MemoryLayer(config, PlainRope(D, max_positions=64))
+    target = 11
+    first, end = 5 + target * 8, 5 + target * 8 + 8
+    torch.manual_seed(4)
+    keys = torch.randn(1, 2, 300, D)
+    direction = torch.zeros(D)
+    direction[0] = 1.0
+    keys[:, :, first:end] += 8 * direction
+    _stream(layer, 300, 16, keys=keys)
+    cos, sin = layer.rotary.cos_sin(torch.tensor(config.n_local), torch.float32, config.n_local + 1)
+    question = rope((10 * direction).expand(1, 4, 4, D), cos, -sin)
+    layer.store(torch.randn(1, 2, 4, D), torch.randn(1, 2, 4, D))
+    layer.attend(question, scale=1.0)
+    assert (layer.last_ids == target).any(dim=-1).all()
+    found = []
+    for _ in range(6):  # decoded tokens: small random queries
+        layer.store(torch.randn(1, 2, 1, D), torch.randn(1, 2, 1, D))
+        layer.attend(0.1 * torch.randn(1, 4, 1, D), scale=1.0)
+        found.append(bool((layer.last_ids == target).any(dim=-1).all()))
+    assert all(found) if query_window > 1 else not any(found)
+
+
+def test_the_query_window_scores_the_latest_queries_exactly(monkeypatch):
+    """A one-token step scores the units with exactly the latest `query_window` queries (its own
+    last), rotated to the scoring distance; before that many were seen, zeros fill the window."""
+    config = CONFIG.model_copy(update={"query_window": 5})
+    layer = MemoryLayer(config, PlainRope(D, max_positions=64))
+    fed = []
+    real = MemoryLayer.attend
+
+    def spy(self, q, scale):
+        fed.append(q)
+        return real(self, q, scale)
+
+    monkeypatch.setattr(MemoryLayer, "attend", spy)
+    _stream(layer, 2, 1)  # two queries: three zeros, then those two
+    cos, sin = layer.rotary.cos_sin(torch.tensor(config.n_local), torch.float32, config.n_local + 1)
+    rotated = [rope(q, cos, sin) for q in fed]
+    torch.testing.assert_close(layer.recent_q[:, :, :3], torch.zeros(1, 4, 3, D))
+    torch.testing.assert_close(layer.recent_q[:, :, 3:], torch.cat(rotated, dim=2))
+    _stream(layer, 200, 7, seed=1)  # long steps, then a one-token step
+    layer.store(torch.randn(1, 2, 1, D), torch.randn(1, 2, 1, D))
+    layer.attend(torch.randn(1, 4, 1, D), scale=1.0)
+    rotated = [rope(q, cos, sin) for q in fed]
+    latest = torch.cat(rotated, dim=2)[:, :, -5:]
+    torch.testing.assert_close(layer.recent_q, latest)
+    want = score_units(latest, layer.units.reps.data, kind="dot", scale=1.0, k=config.topk)
+    assert torch.equal(layer.last_ids, want)
 
 
 def test_attention_representatives_are_the_most_attended_keys():
