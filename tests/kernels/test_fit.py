@@ -86,3 +86,24 @@ def test_a_device_too_small_for_any_tile_says_what_to_do(monkeypatch):
     tensors, case = _placed_case()
     with pytest.raises(RuntimeError, match="AGENTMEM_KERNELS=reference"):
         triton_attention.placed_attention(*tensors, **case)
+
+
+@pytest.mark.parametrize("n_queries", [1, 40])  # logits kept between the passes, or recomputed
+def test_unit_mass_steps_down_to_tiles_that_fit(monkeypatch, n_queries):
+    """Scoring many representatives a unit: both passes run with the tiles that fit (their
+    statistics sized by that BN), and the mass is the reference's."""
+    device = _SmallDevice(triton_memory.unit_mass_kernel)
+    monkeypatch.setattr(triton_memory, "unit_mass_kernel", device)
+    torch.manual_seed(5)
+    q = torch.randn(1, 4, n_queries, 64, device=memory.DEVICE)
+    reps = torch.randn(1, 2, 150, 16, 64, device=memory.DEVICE)  # 16 representatives a unit
+    n_valid = torch.tensor([140], dtype=torch.int32, device=memory.DEVICE)
+    got = triton_memory.unit_mass(q, reps, kind="dot", scale=0.125, n_valid=n_valid)
+    want = reference.unit_mass(q, reps, kind="dot", scale=0.125, n_valid=n_valid)
+    torch.testing.assert_close(got, want, atol=1e-5 * n_queries, rtol=1e-5)
+    assert len(device.tried) > 2  # refused at least once, then both passes
+    last = device.tried[-1]
+    assert last[0] * last[1] <= TILE_LIMIT and last[2] == 1
+    device.tried.clear()
+    triton_memory.unit_mass(q, reps, kind="dot", scale=0.125, n_valid=n_valid)
+    assert device.tried == [last, last]  # remembered: straight to the fit, for both passes

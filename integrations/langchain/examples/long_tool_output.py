@@ -32,12 +32,12 @@ import agentmem
 
 LINES = 780  # about 32K tokens of log (42 tokens a line)
 NEEDLE_AT = 520  # the line that answers the question, two thirds of the way in
-# Sinks 64 + 8 retrieved units of 128 + a local window of 960: 2,048 tokens attended per step.
-# Units are represented by the means of their keys. Measured on this example (2026-12-01), same
-# window: by the keys that got most attention (the default) the answer was 'Novak', 'PX-123';
-# by their means 'Haddad', 'PX-4471'; 12 units and a 448-token local window, 'Kowalski',
-# 'PX-4471'. The serial number is recalled, the technician not yet.
-MEMORY = agentmem.MemoryConfig(n_init=64, unit_size=128, topk=8, n_local=960, repr="mean")
+# agentmem's default layout: sinks 64 + 16 retrieved units of 64 + a local window of 960, 2,048
+# tokens attended per step, each unit scored by the means of its 8-token slices. Measured on this
+# example (2026-12-01) with the same window and 128-token units: represented by the keys that got
+# most attention, the answer was 'Novak', 'PX-123'; by the means of 32-token slices, 'Haddad',
+# 'PX-4471'.
+MEMORY = agentmem.MemoryConfig()
 TECHNICIANS = ["Moreno", "Larsen", "Haddad", "Silva", "Novak", "Tanaka", "Dubois", "Kowalski"]
 MACHINES = [
     "conveyor belt",
