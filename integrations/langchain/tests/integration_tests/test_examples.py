@@ -29,8 +29,9 @@ def test_an_agent_answers_from_a_tool_output_16_times_its_window(capsys):
     assert "PX-4471" in said["args"]["serial_number"], said  # recalled through the window
     if "Okonkwo" not in said["args"]["technician"]:
         pytest.xfail(
-            "recall, measured 2026-12-01 with three memory layouts of a 2K window: the serial "
-            "number comes out right, the technician not (Haddad, Kowalski, Novak)"
+            "recall, measured 2026-12-01 with four memory layouts of a 2K window (the default "
+            "among them): the serial number comes out right, the technician not; this time "
+            f"{said['args']['technician']!r}"
         )
 
 
