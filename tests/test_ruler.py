@@ -245,6 +245,27 @@ def test_the_runner_writes_rows_as_it_goes_and_resumes(tmp_path, monkeypatch):
     assert len(json.loads(out.read_text())["meta"]["runs"]) == 2  # each run that wrote rows
 
 
+def test_the_warm_up_gives_the_time_budget_an_estimate_for_every_policy():
+    """A policy's first long prompt is predicted from its warm-up (before, it started whatever
+    the budget left, and a 512K prompt ran past a device call's limit)."""
+    lm = LanguageModel(build_model("qwen2"), chatml_tokenizer())
+    args = runner.parser().parse_args(
+        ["--position", "infllm,stacked", "--set", "n_init=8,unit_size=16,n_local=128,"
+         "exec_chunk=112,topk=2", "--full-max", "900", "--max-new", "2"]
+    )  # fmt: skip
+    clock = runner._Clock()
+    assert clock.estimate("infllm", 1 << 19) == 0  # nothing known: no estimate
+    runner._warm_up(lm, TokenCounter(lm.tokenizer), runner.policies(args), args, clock, 600)
+    for policy in ("infllm", "stacked", "full"):
+        assert clock.estimate(policy, 1 << 19) > 0
+    # Full attention's cost per token grows with the length, agentmem's does not.
+    ratio = clock.estimate("full", 1 << 19) / clock.estimate("full", 600)
+    assert ratio == pytest.approx(((1 << 19) / 600) ** 2)
+    assert clock.estimate("infllm", 1 << 19) / clock.estimate("infllm", 600) == pytest.approx(
+        (1 << 19) / 600
+    )
+
+
 @pytest.mark.slow
 def test_qwen_prompts_have_the_asked_length_through_its_chat_template():
     from transformers import AutoTokenizer
