@@ -61,6 +61,27 @@ def test_a_state_without_its_first_units_joins_with_the_earlier_save(tokenizer):
         MemoryLayer(SMALL, layer.rotary).load_state_dict(later)
 
 
+def test_a_state_saved_before_the_query_window_loads_and_continues(tokenizer):
+    """States written before `query_window` existed name no such field and hold no latest
+    queries: they load under the field's default, with zeros for the queries (which change no
+    choice), and continue as a session that never kept any."""
+    lm = LanguageModel(build("llama"), tokenizer, SMALL)
+    session = lm.session()
+    session.append(TEXT)
+    old = session.state_dict()
+    for meta in [old["meta"], *old["meta"]["layers"]]:
+        meta.get("memory", {}).pop("query_window", None)
+    old["tensors"] = {n: t for n, t in old["tensors"].items() if not n.endswith("recent_q")}
+    resumed = lm.session()
+    resumed.load_state_dict(old)
+    assert all(layer.recent_q is None for layer in resumed.cache.memory_layers)
+    fresh = lm.session()  # the same memory with its latest queries forgotten
+    fresh.load_state_dict(session.state_dict())
+    for layer in fresh.cache.memory_layers:
+        layer.recent_q = None
+    assert list(resumed.generate_tokens(8)) == list(fresh.generate_tokens(8))
+
+
 def test_another_memory_layout_is_refused_naming_both():
     layer = MemoryLayer(SMALL, PlainRope(16))
     other = MemoryLayer(SMALL.model_copy(update={"topk": 3}), PlainRope(16))
