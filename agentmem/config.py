@@ -123,7 +123,7 @@ PRESETS: dict[str, MemoryConfig] = {
         repr_topk=4,
         query_window=1,
         exec_chunk=512,
-    ),  # fmt: skip
+    ),
     # ReAttention's rule: the window renumbered 0..W-1, retrieved units in stream order.
     "contiguous": MemoryConfig(position="contiguous"),
     # StreamingLLM baseline: sinks + local, the middle is dropped.
