@@ -342,8 +342,10 @@ class MemoryLayer:
             return q
         if self.recent_q is None:
             self.recent_q = q.new_zeros(*q.shape[:2], size, q.shape[3])
-        joined = torch.cat((self.recent_q, q), dim=2)
-        latest = joined[:, :, -size:]
+        if q.shape[2] >= size:  # a prefill chunk: its own last queries, nothing joined
+            latest = q[:, :, -size:]
+        else:
+            latest = torch.cat((self.recent_q, q), dim=2)[:, :, -size:]
         if self.counts is not None:  # captured: the buffer stays where the graph reads it
             self.recent_q.copy_(latest)
         else:  # a new tensor: a state handed out before keeps what it held
