@@ -13,7 +13,10 @@ history renders alike and is never prefilled twice.
 Asked to answer in prose, the 0.5B model writes the tool call again instead, and so does plain
 transformers with full attention on a 1.9K-token version of this log (measured 2026-12-01).
 Given the `answer` tool, full attention fills in both fields right at 1.9K tokens; here, through
-the 2K window at 32K tokens, the serial number comes out right and the technician does not yet.
+the 2K window at 32K tokens, the serial number comes out right and the technician does not. That
+is the model's reading at this length, not the memory's recall: on one H200 (bf16, 2026-12-02)
+the needle's line was in the answering step's window in 21 of 24 layers at every decoded token,
+and full attention over the whole 32K-token conversation wrote 'Haddad' too.
 
 Run: .venv/bin/python integrations/langchain/examples/long_tool_output.py
 (CPU: several minutes, nearly all of it reading the log once.)
@@ -36,7 +39,9 @@ NEEDLE_AT = 520  # the line that answers the question, two thirds of the way in
 # tokens attended per step, each unit scored by the means of its 8-token slices. Measured on this
 # example (2026-12-01) with the same window and 128-token units: represented by the keys that got
 # most attention, the answer was 'Novak', 'PX-123'; by the means of 32-token slices, 'Haddad',
-# 'PX-4471'.
+# 'PX-4471'. On one H200 (bf16, 2026-12-02): this layout 'Haddad', 'PX-4471'; choosing with the
+# step's own query alone 'Kowalski'; 32-token units 'Haddad', 'PX-444'; `stacked` 'Haddad';
+# `contiguous` 'Okonkwo', 'PX-4471' (but 'Novak' on the CPU, fp32); full attention 'Haddad'.
 MEMORY = agentmem.MemoryConfig()
 TECHNICIANS = ["Moreno", "Larsen", "Haddad", "Silva", "Novak", "Tanaka", "Dubois", "Kowalski"]
 MACHINES = [
