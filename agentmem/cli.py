@@ -30,6 +30,8 @@ CONFIG_FLAGS = {
     "position": str,
     "selfextend_group": int,
     "selfextend_window": int,
+    "index": str,
+    "index_min_units": int,
 }
 
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Position = Literal["infllm", "stacked", "contiguous", "selfextend", "streaming", "full"]
 Representative = Literal["attention", "mean", "minmax"]
+Index = Literal["exact", "faiss"]
 
 POSITIONS: tuple[str, ...] = get_args(Position)
 RETRIEVING_POSITIONS = ("infllm", "stacked", "contiguous", "selfextend")
@@ -51,6 +52,15 @@ class MemoryConfig(BaseModel):
     position: Position = Field("infllm", description="how the window's keys are positioned")
     selfextend_group: int = Field(8, gt=0, description="SelfExtend group size G")
     selfextend_window: int = Field(512, gt=0, description="SelfExtend neighbour window W")
+    index: Index = Field(
+        "exact",
+        description="how a step finds its units: exact scores every representative; faiss "
+        "scores exactly only the candidates an HNSW index of the representatives proposes "
+        "(agentmem.memory.index), once a layer holds index_min_units units",
+    )
+    index_min_units: int = Field(
+        1024, gt=0, description="units a layer holds before index='faiss' is consulted"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> MemoryConfig:
@@ -76,6 +86,12 @@ class MemoryConfig(BaseModel):
                 f"({self.unit_size}) "
                 f"must be <= n_local + 1 ({self.n_local + 1}); lower exec_chunk or raise n_local"
             )
+        if self.index == "faiss" and self.repr == "minmax":
+            raise ValueError(
+                "index='faiss' searches representatives by inner product, which bounding "
+                "boxes (repr='minmax') are not scored by; use repr='mean' or 'attention', or "
+                "index='exact'"
+            )
         if self.position == "selfextend" and self.selfextend_window % self.selfextend_group:
             raise ValueError(
                 f"selfextend_window={self.selfextend_window} must be a multiple of "
@@ -83,6 +99,12 @@ class MemoryConfig(BaseModel):
                 "neighbour distances without a gap"
             )
         return self
+
+    def same_layout(self, other: MemoryConfig) -> bool:
+        """Whether a memory made under `other` is one this layout holds: every field alike but
+        those that only say how units are found (`index`, `index_min_units`)."""
+        ignored = {"index", "index_min_units"}
+        return self.model_dump(exclude=ignored) == other.model_dump(exclude=ignored)
 
     @property
     def retrieves(self) -> bool:

@@ -96,12 +96,12 @@ class PersistentSession(Session):
         info = store.session_info(session_id, tenant=tenant)
         if info is not None:
             saved = MemoryConfig(**info.memory)
-            if memory is not None and memory != saved:
+            if memory is not None and not memory.same_layout(saved):
                 raise ValueError(
                     f"session '{session_id}' was saved with the memory layout {saved!r}, not "
                     f"{memory!r}; open it without memory= (or with its own layout)"
                 )
-            memory = saved
+            memory = memory or saved  # its own layout, found as this call asks (`index`)
         super().__init__(lm, memory or lm.memory, progress=progress)
         mine = fingerprint(lm)
         if info is None:

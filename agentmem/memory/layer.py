@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from agentmem.config import MemoryConfig
+from agentmem.memory.index import UnitIndex, indexed_top_units
 from agentmem.memory.pending import PendingKV, shift_in
 from agentmem.memory.policy import Rope, Window, attend
 from agentmem.memory.representatives import representatives, score_kind
@@ -48,6 +49,7 @@ class MemoryLayer:
         # before any: a zero query adds the same mass to every unit, so it changes no choice).
         self.recent_q: torch.Tensor | None = None
         self.pending = PendingKV()
+        self.index = UnitIndex()  # index="faiss": graphs over the representatives, built on use
         self.counts: torch.Tensor | None = None  # static mode: [local length, units] int32
         self.static_tokens = 1  # tokens per static step
         self.static_armed = False  # set by agentmem.hf.graphs around the static steps it runs
@@ -102,7 +104,7 @@ class MemoryLayer:
         meta, tensors = state["meta"], state["tensors"]
         if meta.get("kind") != "memory":
             raise ValueError(f"not a memory layer's state (kind {meta.get('kind')!r})")
-        if MemoryConfig(**meta["memory"]) != self.config:  # a field added since: its default
+        if not self.config.same_layout(MemoryConfig(**meta["memory"])):  # new fields: defaults
             raise ValueError(
                 f"this state was made with the memory layout {meta['memory']}, which is not this "
                 f"layer's {self.config.model_dump()}; load it with the layout it was made with"
@@ -137,6 +139,7 @@ class MemoryLayer:
             self.local_rotated.append(rope(local_k.float(), cos, sin).to(local_k.dtype))
         self.last_ids = tensors.get("last_ids")
         self.recent_q = tensors.get("recent_q")
+        self.index = UnitIndex()
         self.pending.clear()
 
     @property
@@ -365,6 +368,11 @@ class MemoryLayer:
         if n_units is None and self.units.n_units <= cfg.topk:
             ids = torch.arange(self.units.n_units, device=q.device)
             return ids.expand(*self.local_k.shape[:2], -1)
+        if cfg.index == "faiss" and n_units is None and self.units.n_units >= cfg.index_min_units:
+            return indexed_top_units(
+                self.index, q, self.units.reps.data, k=cfg.topk, kind=score_kind(cfg.repr),
+                scale=scale,
+            )  # fmt: skip
         reps = self.units.reps.data if n_units is None else self.units.reps.buffer
         return score_units(
             q, reps, kind=score_kind(cfg.repr), scale=scale, k=cfg.topk, n_valid=n_units
@@ -382,6 +390,8 @@ class MemoryLayer:
         cfg = self.config
         if not self.reads_in_place or not cfg.retrieves:
             return f"static steps need position 'infllm' or 'stacked', not '{cfg.position}'"
+        if cfg.index != "exact":
+            return "static steps score on the device; index='faiss' searches on the host"
         if self.n_sinks < cfg.n_init or self.units.n_units < cfg.topk:
             return (
                 f"static steps start once the memory holds {cfg.n_init} sinks and at least "

@@ -96,6 +96,24 @@ def test_another_model_or_layout_is_refused_naming_both(lm, store):
         lm.session("m", store=store, memory=SMALL.model_copy(update={"topk": 3}))
 
 
+def test_a_session_saved_under_the_exact_scan_resumes_under_the_faiss_index(lm, store):
+    # The index says how units are found, not what is stored: the same session, either way.
+    _conversation(lm.session("i", store=store))
+
+    def resumed(memory=None):
+        session = lm.session("i", store=store, memory=memory, autosave=False)
+        session.append(FILLER + "And the code?", role="user")  # steps that retrieve
+        return session, session.generate(max_new_tokens=8)
+
+    exact, want = resumed()
+    indexed = SMALL.model_copy(update={"index": "faiss", "index_min_units": 2})
+    session, got = resumed(indexed)
+    assert session.memory == indexed and got == want
+    assert len(session) == len(exact)
+    for layer in session.cache.memory_layers:
+        assert layer.index.n_units == layer.units.n_units > 2  # the graphs were searched
+
+
 def test_a_new_process_resumes_the_session(lm, store, store_args, tmp_path):
     _conversation(lm.session("proc", store=store))
     uninterrupted = lm.session()

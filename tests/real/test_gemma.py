@@ -55,3 +55,15 @@ def test_passkey_at_4k_with_a_1k_window(lm, depth, key):
     ]
     assert any(recalled)
     assert parse_answer(session.generate(max_new_tokens=8)) == key
+
+
+def test_passkey_at_8k_through_the_faiss_index(lm):
+    # The default layout (2K keys per query) finding its units through the HNSW index once a layer
+    # holds 32 units (an 8K prompt packs about 120).
+    memory = agentmem.MemoryConfig(index="faiss", index_min_units=32)
+    prompt = build_prompt(lm.tokenizer, 8192, 0.4, "57310")
+    session = lm.session(memory=memory, progress=False)
+    session.append_tokens(prompt.ids)
+    layers = session.cache.memory_layers
+    assert all(layer.index.n_units == layer.units.n_units > 100 for layer in layers)
+    assert parse_answer(session.generate(max_new_tokens=8)) == "57310"
