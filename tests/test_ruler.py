@@ -10,6 +10,7 @@ import re
 
 import pytest
 
+import benchmarks.ruler.report as report
 import benchmarks.ruler.runner as runner
 from agentmem.session import LanguageModel
 from benchmarks.ruler.prompts import Prompt, TokenCounter, build, render
@@ -202,6 +203,23 @@ def test_cli_arguments_parse():
     assert configs["infllm"].position == "infllm" and configs["infllm"].topk == 2
     with pytest.raises(SystemExit):
         runner.policies(runner.parser().parse_args(["--position", "nope"]))
+
+
+def test_first_leaves_a_cells_earlier_prompts_to_another_process():
+    args = runner.parser().parse_args(["--tasks", "niah_single", "--lengths", "900",
+                                       "--prompts", "5", "--first", "3", "--full-max", "0"])  # fmt: skip
+    plan = runner._plan(args, [TASKS["niah_single"]], runner.policies(args), [])
+    assert [(length, index) for _, length, index, _, _ in plan] == [(900, 3), (900, 4)]
+
+
+def test_the_report_tables_the_rows_of_several_runs(tmp_path, capsys):
+    row = {"task": "niah_single", "length": 131072, "policy": "infllm", "coverage": 1.0}
+    for i, correct in enumerate((True, False)):
+        (tmp_path / f"{i}.json").write_text(json.dumps(
+            {"meta": {}, "rows": [{**row, "index": i, "correct": correct, "score": float(correct)}]}
+        ))  # fmt: skip
+    assert report.main([str(tmp_path / "0.json"), str(tmp_path / "1.json")]) == 0
+    assert "1/2 (0.50) 1/0/0" in capsys.readouterr().out
 
 
 def test_the_runner_writes_rows_as_it_goes_and_resumes(tmp_path, monkeypatch):

@@ -3,6 +3,8 @@ the asked needles were in the answering step's window), as text, and length x de
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 
@@ -99,3 +101,18 @@ def heatmaps(rows: list[dict], folder: Path, title: str) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m benchmarks.ruler.report ROWS.json...`: one table over the rows of several runs
+    (processes that split a cell's prompts by `--first`, say)."""
+    paths = sys.argv[1:] if argv is None else argv
+    if not paths:
+        raise SystemExit("usage: python -m benchmarks.ruler.report ROWS.json [ROWS.json ...]")
+    rows = [row for path in paths for row in json.loads(Path(path).read_text())["rows"]]
+    print(format_table(summarize(rows)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

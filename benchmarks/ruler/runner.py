@@ -83,6 +83,12 @@ def parser() -> argparse.ArgumentParser:
         default=10,
         help="prompts per task and length; prompt i sits at depth i mod len(depths)",
     )
+    p.add_argument(
+        "--first",
+        type=int,
+        default=0,
+        help="first prompt index to run (processes sharing a GPU split a cell's prompts by it)",
+    )
     p.add_argument("--depths", default="0.1,0.5,0.9")
     p.add_argument(
         "--position",
@@ -188,7 +194,7 @@ def _plan(args, tasks, configs, rows):
     done = {(r["task"], r["length"], r["index"], r["policy"]) for r in rows}
     depths = [float(d) for d in args.depths.split(",") if d]
     for length in _lengths(args.lengths):
-        for index in range(args.prompts):
+        for index in range(args.first, args.prompts):
             for task in tasks:
                 todo = [p for p in configs if (task.name, length, index, p) not in done]
                 if length <= args.full_max and (task.name, length, index, "full") not in done:

@@ -12,11 +12,11 @@ history renders alike and is never prefilled twice.
 
 Asked to answer in prose, the 0.5B model writes the tool call again instead, and so does plain
 transformers with full attention on a 1.9K-token version of this log (measured 2026-12-01).
-Given the `answer` tool, full attention fills in both fields right at 1.9K tokens; here, through
-the 2K window at 32K tokens, the serial number comes out right and the technician does not. That
-is the model's reading at this length, not the memory's recall: on one H200 (bf16, 2026-12-02)
-the needle's line was in the answering step's window in 21 of 24 layers at every decoded token,
-and full attention over the whole 32K-token conversation wrote 'Haddad' too.
+The question asks for one detail of the needle's line, its serial number. Asked for the
+technician too, the 0.5B model named another technician of the log, and so did full attention
+over the whole 32K-token conversation ('Haddad'), while the needle's line was in the answering
+step's window in 21 of 24 layers at every decoded token (one H200, bf16, 2026-12-02): that is
+the model's reading at this length, not the memory's recall, and no example of the memory.
 
 Run: .venv/bin/python integrations/langchain/examples/long_tool_output.py
 (CPU: several minutes, nearly all of it reading the log once.)
@@ -37,7 +37,8 @@ LINES = 780  # about 32K tokens of log (42 tokens a line)
 NEEDLE_AT = 520  # the line that answers the question, two thirds of the way in
 # agentmem's default layout: sinks 64 + 16 retrieved units of 64 + a local window of 960, 2,048
 # tokens attended per step, each unit scored by the means of its 8-token slices. Measured on this
-# example (2026-12-01) with the same window and 128-token units: represented by the keys that got
+# example when it asked for the technician and the serial number (2026-12-01), with the same
+# window and 128-token units: represented by the keys that got
 # most attention, the answer was 'Novak', 'PX-123'; by the means of 32-token slices, 'Haddad',
 # 'PX-4471'. On one H200 (bf16, 2026-12-02): this layout 'Haddad', 'PX-4471'; choosing with the
 # step's own query alone 'Kowalski'; 32-token units 'Haddad', 'PX-444'; `stacked` 'Haddad';
@@ -62,7 +63,7 @@ NEEDLE = (
     "2025-06-02 14:40 hall 7: technician Okonkwo replaced the coolant pump; the new pump's "
     "serial number is PX-4471."
 )
-QUESTION = "Who replaced the coolant pump in hall 7, and what is the new pump's serial number?"
+QUESTION = "What is the serial number of the new coolant pump in hall 7?"
 
 
 def maintenance_log(lines: int = LINES, seed: int = 0) -> str:
@@ -90,9 +91,9 @@ def read_maintenance_log(site: str) -> str:
 
 
 @tool
-def answer(technician: str, serial_number: str) -> str:
-    """Give the user the final answer: the technician's name and the serial number."""
-    return f"{technician}, {serial_number}"
+def answer(serial_number: str) -> str:
+    """Give the user the final answer: the serial number asked for."""
+    return serial_number
 
 
 def main() -> dict:

@@ -26,14 +26,7 @@ def test_an_agent_answers_from_a_tool_output_16_times_its_window(capsys):
     read = reply.usage_metadata["input_token_details"]["cache_read"]
     assert read == call.usage_metadata["input_tokens"] + call.usage_metadata["output_tokens"]
     assert "recalled the pump" in capsys.readouterr().out
-    assert "PX-4471" in said["args"]["serial_number"], said  # recalled through the window
-    if "Okonkwo" not in said["args"]["technician"]:
-        pytest.xfail(
-            "the 0.5B model's reading at 32K, not recall: the needle's line is in the answering "
-            "step's window in 21 of 24 layers, and full attention over the whole conversation "
-            "wrote 'Haddad' too (one H200, 2026-12-02); this time "
-            f"{said['args']['technician']!r}"
-        )
+    assert said["args"]["serial_number"].strip(" .") == "PX-4471", said  # recalled, not guessed
 
 
 def test_day_two_recalls_day_one_in_a_new_process(tmp_path):
