@@ -284,6 +284,17 @@ def test_the_warm_up_gives_the_time_budget_an_estimate_for_every_policy():
     )
 
 
+def test_the_warm_up_times_a_second_run_not_the_one_that_compiles(monkeypatch):
+    args = runner.parser().parse_args(["--position", "infllm", "--full-max", "0"])
+    seconds = iter([50.0, 1.0])  # the first run compiles the kernels
+    monkeypatch.setattr(runner, "run_prompt",
+                        lambda *a: {"prefill_s": next(seconds), "decode_s": 0.0})  # fmt: skip
+    clock = runner._Clock()
+    lm = LanguageModel(build_model("qwen2"), chatml_tokenizer())
+    runner._warm_up(lm, TokenCounter(lm.tokenizer), runner.policies(args), args, clock, 600)
+    assert clock.estimate("infllm", 6000) == pytest.approx(10.0)
+
+
 @pytest.mark.slow
 def test_qwen_prompts_have_the_asked_length_through_its_chat_template():
     from transformers import AutoTokenizer

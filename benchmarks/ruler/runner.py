@@ -354,16 +354,18 @@ def _full_attention(lm, prompt: Prompt) -> tuple[str, int, float, float]:
 
 
 def _warm_up(lm, counter, configs, args, clock: _Clock, length: int = 4096) -> None:
-    """One short prompt per policy first, so that kernel compilation counts as no prompt's.
-    Timed too: the time budget then has an estimate for a policy's first long prompt, which
-    would otherwise start whatever its length (kernel compilation makes it an overestimate)."""
+    """One short prompt per policy first, so that kernel compilation counts as no prompt's, then
+    again, timed: the time budget then has an estimate for a policy's first long prompt, which
+    would otherwise start whatever its length. The first run is not timed: with eight processes
+    compiling at once it predicted 1M-token prompts ten times too slow, and none started."""
     task = TASKS["niah_single"]
     ctx = Context(args.seed, "warm-up", length, 0, 0.5, counter)
     prompt = build(task.layouts(ctx), lm.tokenizer, counter, task="warm-up", length=length,
                    index=0, depth=0.5)  # fmt: skip
     meta = {"memory_layers": _memory_layers(lm)}
     for policy in [*configs, *(["full"] if args.full_max else [])]:
-        row = run_prompt(lm, prompt, task, policy, configs.get(policy), args, meta)
+        for _ in range(2):
+            row = run_prompt(lm, prompt, task, policy, configs.get(policy), args, meta)
         clock.add(policy, length, row["prefill_s"] + row["decode_s"])
 
 
