@@ -206,8 +206,8 @@ def test_cli_arguments_parse():
 
 
 def test_first_leaves_a_cells_earlier_prompts_to_another_process():
-    args = runner.parser().parse_args(["--tasks", "niah_single", "--lengths", "900",
-                                       "--prompts", "5", "--first", "3", "--full-max", "0"])  # fmt: skip
+    argv = ["--tasks", "niah_single", "--lengths", "900", "--prompts", "5", "--first", "3"]
+    args = runner.parser().parse_args([*argv, "--full-max", "0"])
     plan = runner._plan(args, [TASKS["niah_single"]], runner.policies(args), [])
     assert [(length, index) for _, length, index, _, _ in plan] == [(900, 3), (900, 4)]
 
