@@ -355,6 +355,14 @@ def _last_dim_dense(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+# Query rows (heads of a group x queries) up to which `unit_mass` keeps its logits between the
+# passes: writing and reading 4 bytes a row and unit costs less than the second pass's products
+# over R representatives of D values each. A decoding step scores with its query window (32
+# queries x 4 to 8 heads a group), a prefill chunk with over a thousand: those compute again,
+# as keeping their logits would take gigabytes at a million tokens.
+KEEP_LOGITS_MAX_ROWS = 256
+
+
 @triton.jit
 def unit_mass_kernel(
     q, reps, n_valid, stats_m, stats_l, lse, logits, mass,
@@ -363,11 +371,13 @@ def unit_mass_kernel(
     stride_rb, stride_rh, stride_rn,
     T, HKV, ROWS, NCAP,
     G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    PASS: tl.constexpr, MINMAX: tl.constexpr, STORE: tl.constexpr, EXACT: tl.constexpr,
+    PASS: tl.constexpr, MINMAX: tl.constexpr, KEEP: tl.constexpr, COMBINE: tl.constexpr,
+    EXACT: tl.constexpr,
     N_ON_DEVICE: tl.constexpr,
 ):  # fmt: skip
-    """PASS 1: per-row max and sum of exp of this block's unit logits (and, STORE, the logits).
-    PASS 2: each unit's mass, sum over rows of exp(logit - lse of the row)."""
+    """PASS 1: per-row max and sum of exp of this block's unit logits (and, KEEP, the logits).
+    PASS 2: each unit's mass, sum over rows of exp(logit - lse of the row): the logits read back
+    (KEEP) or computed again; each row's lse combined here from the statistics (COMBINE) or read."""
     i_bh, i_n = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HKV, i_bh % HKV
     o_n = i_n * BN + tl.arange(0, BN)
@@ -389,7 +399,7 @@ def unit_mass_kernel(
         i_g, i_t = o_r // T, o_r % T
         m_rn = m_r[:, None] & m_n[None, :]
         p_logits = logits + (i_bh * ROWS + o_r[:, None]) * NCAP + o_n[None, :]
-        if PASS == 2 and STORE:
+        if PASS == 2 and KEEP:
             b_s = tl.load(p_logits, mask=m_rn, other=float("-inf"))
         else:
             p_q = q + i_b * stride_qb + (i_h * G + i_g)[:, None] * stride_qh
@@ -425,10 +435,10 @@ def unit_mass_kernel(
             b_safe = tl.where(b_max == float("-inf"), 0.0, b_max)
             tl.store(stats_m + p_stats, b_max, mask=m_r)
             tl.store(stats_l + p_stats, tl.sum(tl.exp(b_s - b_safe[:, None]), 1), mask=m_r)
-            if STORE:
+            if KEEP:
                 tl.store(p_logits, b_s, mask=m_r[:, None] & (o_n[None, :] < NCAP))
         else:
-            if STORE:  # few rows: each program combines the rows' statistics itself
+            if COMBINE:  # few rows: each program combines the rows' statistics itself
                 b_top = tl.full([BM], float("-inf"), tl.float32)
                 for i_blk in range(0, n_blocks):
                     p_blk = (i_bh * n_blocks + i_blk) * ROWS + o_r
@@ -456,8 +466,9 @@ def unit_mass(
     n_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same signature and results as `reference.unit_mass`: two passes over the representatives
-    (softmax statistics, then mass); with few query rows the first pass keeps the logits so the
-    second does not read the representatives again."""
+    (softmax statistics, then mass); with at most `KEEP_LOGITS_MAX_ROWS` query rows (a decoding
+    step's query window) the first pass keeps the logits, so the second neither reads the
+    representatives again nor repeats their products."""
     if kind not in ("dot", "minmax"):
         raise ValueError(f"unknown unit score kind '{kind}'; expected 'dot' or 'minmax'")
     batch, n_q_heads, n_queries, head_dim = q.shape
@@ -472,7 +483,7 @@ def unit_mass(
         reps = reps.contiguous()
     rows = group * n_queries
     width = head_dim * q.element_size() // 2  # fp32 tiles weigh as a head twice as wide
-    store = rows <= 16
+    keep, combine = rows <= KEEP_LOGITS_MAX_ROWS, rows <= 16
     r = n_slots // 2 if kind == "minmax" else n_slots
     preferred = {
         "BM": 16 if rows <= 16 else 32 if width > 256 else 64,
@@ -487,7 +498,7 @@ def unit_mass(
         stats_m = triton_attention._alloc((batch * n_kv_heads, n_blocks, rows), q.device)
         stats_l = triton_attention._alloc((batch * n_kv_heads, n_blocks, rows), q.device)
         logits = triton_attention._alloc(
-            (batch * n_kv_heads, rows, capacity) if store else (1,), q.device
+            (batch * n_kv_heads, rows, capacity) if keep else (1,), q.device
         )
         mass = triton_attention._alloc((batch * n_kv_heads, capacity), q.device)
 
@@ -499,13 +510,14 @@ def unit_mass(
                 reps.stride(0), reps.stride(1), reps.stride(2),
                 n_queries, n_kv_heads, rows, capacity,
                 G=group, D=head_dim, R=r, BM=config["BM"], BN=block_n,
-                PASS=pass_, MINMAX=kind == "minmax", STORE=store, EXACT=q.dtype == torch.float32,
+                PASS=pass_, MINMAX=kind == "minmax", KEEP=keep, COMBINE=combine,
+                EXACT=q.dtype == torch.float32,
                 N_ON_DEVICE=on_device,
                 num_warps=config["num_warps"], num_stages=config["num_stages"],
             )  # fmt: skip
 
         launch(1, stats_m)  # lse is not read in pass 1; a refused launch is refused here
-        if store:
+        if combine:
             launch(2, stats_m)  # lse combined inside
             return mass.view(batch, n_kv_heads, capacity)
         top = stats_m.amax(dim=1, keepdim=True)
@@ -516,7 +528,7 @@ def unit_mass(
 
     # Many representatives a unit (repr_topk 16 at head size 64) once asked an H200 for 418 KB
     # of shared memory at three stages: the launch steps down until it fits.
-    key = (q.device.index, q.dtype, head_dim, r, kind, store)
+    key = (q.device.index, q.dtype, head_dim, r, kind, keep, combine)
     return launch_fitted("unit_mass", both_passes, preferred, key)
 
 

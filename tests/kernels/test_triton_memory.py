@@ -203,7 +203,9 @@ def test_local_key_mass(n_queries, rotated, dtype):
 
 
 @pytest.mark.parametrize("kind", ["dot", "minmax"])
-@pytest.mark.parametrize("n_queries", [1, 30])  # logits kept between passes, or recomputed
+# 2 heads a group: 2 rows, lse combined in the kernel; 60, logits kept between the passes; 300,
+# more than KEEP_LOGITS_MAX_ROWS, computed again
+@pytest.mark.parametrize("n_queries", [1, 30, 150])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_unit_mass(kind, n_queries, dtype):
     torch.manual_seed(3)
@@ -212,6 +214,7 @@ def test_unit_mass(kind, n_queries, dtype):
     if kind == "minmax":
         reps = torch.cat((reps.amin(3, keepdim=True), reps.amax(3, keepdim=True)), dim=3)
     n_valid = torch.tensor([70], dtype=torch.int32, device=DEVICE)  # the rest is spare capacity
+    assert 2 * 30 <= triton_memory.KEEP_LOGITS_MAX_ROWS < 2 * 150  # the three paths above
     got = triton_memory.unit_mass(q, reps, kind=kind, scale=0.3, n_valid=n_valid)
     want = reference.unit_mass(q, reps, kind=kind, scale=0.3, n_valid=n_valid)
     tolerance = 2e-3 if dtype == torch.float16 else 1e-5
@@ -252,11 +255,11 @@ def test_memory_attention_returns_the_local_keys_mass(rotated):
 
 def test_unit_mass_skips_spare_capacity():
     """A pool with room for many more units than it holds: blocks past the count compute
-    nothing and their units get -1 (decode keeps logits between passes; prefill recomputes)."""
+    nothing and their units get -1 (whether the logits are kept between passes or recomputed)."""
     torch.manual_seed(6)
     reps = torch.randn(1, 2, 300, 2, 32, device=DEVICE)
     n_valid = torch.tensor([70], dtype=torch.int32, device=DEVICE)
-    for n_queries in (1, 20):
+    for n_queries in (1, 20, 140):  # 2 heads a group: 2, 40 and 280 rows
         q = torch.randn(1, 4, n_queries, 32, device=DEVICE)
         got = triton_memory.unit_mass(q, reps, kind="dot", scale=0.2, n_valid=n_valid)
         want = reference.unit_mass(q, reps, kind="dot", scale=0.2, n_valid=n_valid)
