@@ -3,6 +3,8 @@ layer retrieves through them what the exact scan finds where the answer is clear
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -121,3 +123,19 @@ def test_the_config_names_what_the_index_cannot_do():
     layer = MemoryLayer(CONFIG, PlainRope(D))
     _stream(layer, torch.randn(1, 2, 300, D), torch.randn(1, 2, 300, D), 16)
     assert "faiss" in layer.static_problem(1)
+
+
+def test_the_step_benchmark_finds_the_planted_unit_both_ways_and_writes_its_rows(tmp_path):
+    from benchmarks import index_steps
+
+    memory = MemoryConfig(topk=4, query_window=8, exec_chunk=64, n_local=128)
+    row = index_steps.measure(256, dim=32, per_unit=2, memory=memory, repeats=1)
+    assert row["units"] == 256 and row["build_s_per_unit"] > 0
+    for kind, queries in (("decode", 8), ("prefill", 64)):
+        step = row[kind]
+        assert step["queries"] == queries and step["exact_s"] > 0 and step["faiss_s"] > 0
+        assert step["planted_exact"] and step["planted_faiss"]
+        assert 0 < step["recall_at_k"] <= 1
+    out = tmp_path / "steps.json"
+    assert index_steps.main(["--units", "128", "--repeats", "1", "--out", str(out)]) == 0
+    assert [r["units"] for r in json.loads(out.read_text())["rows"]] == [128]
