@@ -16,7 +16,7 @@ The question asks for one detail of the needle's line, its serial number. Asked 
 technician too, the 0.5B model named another technician of the log, and so did full attention
 over the whole 32K-token conversation ('Haddad'), while the needle's line was in the answering
 step's window in 21 of 24 layers at every decoded token (one H200, bf16, 2026-12-02): that is
-the model's reading at this length, not the memory's recall, and no example of the memory.
+the model's reading at this length, not the memory's recall, so the example does not ask it.
 
 Run: .venv/bin/python integrations/langchain/examples/long_tool_output.py
 (CPU: several minutes, nearly all of it reading the log once.)
