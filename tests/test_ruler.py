@@ -212,6 +212,17 @@ def test_first_leaves_a_cells_earlier_prompts_to_another_process():
     assert [(length, index) for _, length, index, _, _ in plan] == [(900, 3), (900, 4)]
 
 
+def test_a_run_records_a_digest_of_its_sources_that_any_change_alters(tmp_path):
+    for folder in runner.SOURCE_FOLDERS:
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "a.py").write_text("x = 1\n")
+    before = runner.source_digest(tmp_path)
+    assert before == runner.source_digest(tmp_path) and len(before) == 12
+    (tmp_path / "benchmarks" / "a.py").write_text("x = 2\n")
+    assert runner.source_digest(tmp_path) != before
+    assert len(runner.source_digest()) == 12  # this checkout's
+
+
 def test_the_report_tables_the_rows_of_several_runs(tmp_path, capsys):
     row = {"task": "niah_single", "length": 131072, "policy": "infllm", "coverage": 1.0}
     for i, correct in enumerate((True, False)):
@@ -234,6 +245,7 @@ def test_the_runner_writes_rows_as_it_goes_and_resumes(tmp_path, monkeypatch):
     data = json.loads(out.read_text())
     rows = data["rows"]
     assert [r["policy"] for r in rows] == ["infllm", "full"]
+    assert data["meta"]["runs"][0]["source"] == runner.source_digest()
     assert len({r["prompt_sha"] for r in rows}) == 1  # the same prompt for every policy
     for row in rows:
         assert row["tokens"] == row["tokens_predicted"] <= 900 and row["depth"] == 0.3

@@ -7,6 +7,7 @@ API only. One JSON row per prompt and policy, written as it finishes (a killed r
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -396,6 +397,7 @@ def _open(args, configs, argv) -> tuple[list[dict], dict]:
             "full_impl": args.full_impl,
             "policies": {k: v.model_dump() for k, v in configs.items()}}  # fmt: skip
     run = {"argv": sys.argv[1:] if argv is None else list(argv), "commit": _commit(),
+           "source": source_digest(),
            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
     if not args.out.exists():
         return [], {**mine, "runs": [run]}
@@ -452,6 +454,22 @@ def _progress(row: dict, n: int, elapsed: float) -> None:
         f"{row['tokens']} tok, prefill {row['prefill_s']:.1f}s, decode {row['decode_s']:.1f}s",
         flush=True,
     )
+
+
+SOURCE_FOLDERS = ("agentmem", "kernels/agentmem_kernels", "benchmarks")
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+def source_digest(root: Path = REPOSITORY) -> str:
+    """sha256 (12 hex digits) of the Python sources that make a row: the commit alone can be
+    stale (a GPU machine's copy of the tree carries an older `.git`), so a run also records what
+    its code was, to be matched against a checkout's own digest."""
+    digest = hashlib.sha256()
+    for folder in SOURCE_FOLDERS:
+        for path in sorted((root / folder).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+            digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
 
 
 def _commit() -> str | None:
