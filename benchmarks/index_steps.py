@@ -26,22 +26,12 @@ import torch
 import agentmem
 from agentmem.memory.index import UnitIndex, indexed_top_units
 from agentmem_kernels import score_units
+from benchmarks.timing import median_ms
 
 
-def _timed(step, repeats: int) -> tuple[float, torch.Tensor]:
-    """Median seconds of `repeats` calls, and the last call's result."""
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        out = step()
-        times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2], out
-
-
-def _step_queries(n_queries: int, heads: tuple[int, int], dim: int, toward: torch.Tensor):
+def _step_queries(n_queries: int, n_q_heads: int, dim: int, toward: torch.Tensor):
     """Random scoring queries [1, Hq, T, D], each leaning towards the planted representative."""
-    n_q, _ = heads
-    q = torch.randn(1, n_q, n_queries, dim)
+    q = torch.randn(1, n_q_heads, n_queries, dim)
     return q + 0.5 * toward.reshape(1, 1, 1, dim)
 
 
@@ -59,19 +49,21 @@ def measure(n_units: int, *, heads=(4, 1), dim=256, per_unit=8, memory, repeats=
     row = {"units": n_units, "build_s_per_unit": (time.perf_counter() - started) / n_units}
     scale, k = dim**-0.5, memory.topk
     for kind, n_queries in (("decode", memory.query_window), ("prefill", memory.exec_chunk)):
-        q = _step_queries(n_queries, heads, dim, toward)
-        exact_s, exact = _timed(
-            lambda q=q: score_units(q, reps, kind="dot", scale=scale, k=k), repeats
-        )
-        faiss_s, found = _timed(
-            lambda q=q: indexed_top_units(index, q, reps, k=k, kind="dot", scale=scale), repeats
-        )
-        shared = len(set(exact.flatten().tolist()) & set(found.flatten().tolist()))
+        q = _step_queries(n_queries, heads[0], dim, toward)
+
+        def exact_step(q=q):
+            return score_units(q, reps, kind="dot", scale=scale, k=k)
+
+        def faiss_step(q=q):
+            return indexed_top_units(index, q, reps, k=k, kind="dot", scale=scale)
+
+        exact, found = set(exact_step().flatten().tolist()), set(faiss_step().flatten().tolist())
+        exact_s = median_ms(exact_step, repeats, warmup=0) / 1e3
+        faiss_s = median_ms(faiss_step, repeats, warmup=0) / 1e3
         row[kind] = {
             "queries": n_queries, "exact_s": exact_s, "faiss_s": faiss_s,
-            "speedup": exact_s / faiss_s, "recall_at_k": shared / k,
-            "planted_exact": planted in exact.flatten().tolist(),
-            "planted_faiss": planted in found.flatten().tolist(),
+            "speedup": exact_s / faiss_s, "recall_at_k": len(exact & found) / k,
+            "planted_exact": planted in exact, "planted_faiss": planted in found,
         }  # fmt: skip
     return row
 
