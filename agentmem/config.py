@@ -61,6 +61,14 @@ class MemoryConfig(BaseModel):
     index_min_units: int = Field(
         1024, gt=0, description="units a layer holds before index='faiss' is consulted"
     )
+    device_units: int | None = Field(
+        None,
+        gt=0,
+        description="KV tiers: unit keys and values live in host memory (pinned on CUDA) and "
+        "a device cache of this many units per layer and KV head holds the recently retrieved "
+        "ones (least recently used out first; agentmem.memory.tiers); None: every unit on the "
+        "memory's device",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> MemoryConfig:
@@ -92,6 +100,18 @@ class MemoryConfig(BaseModel):
                 "boxes (repr='minmax') are not scored by; use repr='mean' or 'attention', or "
                 "index='exact'"
             )
+        if self.device_units is not None:
+            if self.position not in ("infllm", "stacked"):
+                raise ValueError(
+                    f"device_units (KV tiers) needs position 'infllm' or 'stacked', whose steps "
+                    f"read the units from the device cache; position='{self.position}' gathers "
+                    "them itself; drop device_units or change position"
+                )
+            if self.device_units < self.topk:
+                raise ValueError(
+                    f"device_units={self.device_units} cannot hold the topk={self.topk} units "
+                    "one step attends; raise device_units to at least topk"
+                )
         if self.position == "selfextend" and self.selfextend_window % self.selfextend_group:
             raise ValueError(
                 f"selfextend_window={self.selfextend_window} must be a multiple of "
@@ -102,8 +122,9 @@ class MemoryConfig(BaseModel):
 
     def same_layout(self, other: MemoryConfig) -> bool:
         """Whether a memory made under `other` is one this layout holds: every field alike but
-        those that only say how units are found (`index`, `index_min_units`)."""
-        ignored = {"index", "index_min_units"}
+        those that only say how units are found or where they are kept (`index`,
+        `index_min_units`, `device_units`)."""
+        ignored = {"index", "index_min_units", "device_units"}
         return self.model_dump(exclude=ignored) == other.model_dump(exclude=ignored)
 
     @property

@@ -8,7 +8,11 @@
 - kernels: the attention kernel's TFLOP/s (a prefill chunk) and GB/s (a decode step) against SDPA
   over the same number of keys, and against the GPU's measured matmul and copy ceilings; the
   retrieval step's time per layer;
-- peak GPU memory against context length.
+- peak GPU memory against context length;
+- with `--device-units P`, decode again with KV tiers (`MemoryConfig.device_units`): unit keys and
+  values in pinned host memory, P units per layer and key head cached on the GPU; its peak is
+  taken after the fill (which makes each layer's units on the GPU before they move to the host),
+  beside the cache's hit rate and the host memory held.
 
 Models are built from config with random weights (no download): Llama-3.2-1B and Llama-3.1-8B
 shapes in bf16, and Gemma-3-270M's shape in fp32 (the dtype it is run in: it decodes digits badly
@@ -169,6 +173,9 @@ def decode_agentmem(model, memory, shape: str, n_tokens: int, steps: int) -> dic
     torch.cuda.reset_peak_memory_stats()
     cache = agentmem.new_cache(model, memory)
     fill_memory(cache, n_tokens, n_kv, head_dim, dtype_of(shape))
+    tiered = memory.device_units is not None
+    if tiered:  # the fill makes each layer's units on the GPU before they go to host memory
+        torch.cuda.reset_peak_memory_stats()
     decoder = StaticDecoder(model, cache, unit_room=steps // memory.unit_size + 2)
     token = torch.tensor([11], device="cuda")
     for _ in range(3):
@@ -204,8 +211,19 @@ def decode_agentmem(model, memory, shape: str, n_tokens: int, steps: int) -> dic
         layer.static_armed = False
     row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     row["memory_gib"] = cache.nbytes() / 2**30
+    if tiered:
+        row["host_gib"] = cache.host_nbytes() / 2**30
+        rates = [layer.units.cache.hit_rate() for layer in cache.memory_layers]
+        row["hit_rate"] = sum(rates) / len(rates)
     decoder.close()
     return row
+
+
+def decode_tiered(model, memory, shape: str, n_tokens: int, steps: int) -> dict:
+    """`decode_agentmem` with KV tiers: unit keys and values in pinned host memory, a device
+    cache of `memory.device_units` units per layer and key head; its keys prefixed `tiered_`."""
+    row = decode_agentmem(model, memory, shape, n_tokens, steps)
+    return {f"tiered_{key}": value for key, value in row.items()}
 
 
 def _full_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -396,11 +414,12 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     for shape in sorted({r["shape"] for r in rows if "tokens" in r}):
         decode = [r for r in rows if r.get("shape") == shape and r.get("kind") == "decode"]
-        for key, label in (("decode_ms", "agentmem"), ("full_decode_ms", "full attention")):
+        for key, label in (("decode_ms", "agentmem"), ("full_decode_ms", "full attention"),
+                           ("tiered_decode_ms", "agentmem, KV tiers")):  # fmt: skip
             points = [(r["tokens"], r[key]) for r in decode if r.get(key) is not None]
             if points:
                 axes[0].plot(*zip(*points, strict=True), marker="o", label=f"{shape} {label}")
-            mem_key = "peak_gib" if key == "decode_ms" else "full_peak_gib"
+            mem_key = key.replace("decode_ms", "peak_gib")
             points = [(r["tokens"], r[mem_key]) for r in decode if r.get(mem_key) is not None]
             if points:
                 axes[2].plot(*zip(*points, strict=True), marker="o", label=f"{shape} {label}")
@@ -434,12 +453,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--preset", default="4k")
     parser.add_argument("--steps", type=int, default=256, help="decode steps timed per size")
+    parser.add_argument(
+        "--device-units",
+        type=int,
+        default=None,
+        help="also decode with KV tiers: this many units per layer and key head on the GPU",
+    )
     parser.add_argument("--tag", default="h100")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)  # fmt: skip
     if not torch.cuda.is_available():
         parser.error("this benchmark needs a CUDA GPU")
     memory = agentmem.MemoryConfig.preset(args.preset)
+    tiered = args.device_units and memory.model_copy(update={"device_units": args.device_units})
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / f"scale_{args.tag}.json"
     rows: list[dict] = [{"kind": "gpu", "name": torch.cuda.get_device_name(), **ceilings()}]
@@ -465,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
                 (decode_agentmem, model, memory, shape, n_tokens, args.steps),
                 (decode_full, model, shape, n_tokens),
                 (retrieval, shape, memory, n_tokens),
+                *([(decode_tiered, model, tiered, shape, n_tokens, args.steps)] if tiered else []),
             ):
                 try:
                     row.update(measure(*arguments))
@@ -502,14 +529,18 @@ def print_table(rows: list[dict]) -> None:
         f"{gpu['name']}: matmul {gpu['matmul_tflops']:.0f} TFLOP/s, copy {gpu['copy_gbs']:.0f} GB/s"
     )
     print(f"{'shape':<13} {'tokens':>8} {'ms/token':>9} {'full':>8} {'layer ms':>9} "
-          f"{'full layer':>10} {'retrieve':>9} {'peak GiB':>9} {'full GiB':>9}")  # fmt: skip
+          f"{'full layer':>10} {'retrieve':>9} {'peak GiB':>9} {'full GiB':>9} "
+          f"{'tiered ms':>9} {'GiB':>6} {'host GiB':>8} {'hits':>5}")  # fmt: skip
     for r in rows:
         if r["kind"] == "decode":
             print(f"{r['shape']:<13} {r['tokens']:>8} {fmt(r.get('decode_ms')):>9} "
                   f"{fmt(r.get('full_decode_ms')):>8} {fmt(r.get('layer_step_ms')):>9} "
                   f"{fmt(r.get('full_layer_ms')):>10} {fmt(r.get('retrieve_decode_ms')):>9} "
                   f"{fmt(r.get('peak_gib'), '.1f'):>9} "
-                  f"{fmt(r.get('full_peak_gib'), '.1f'):>9}")  # fmt: skip
+                  f"{fmt(r.get('full_peak_gib'), '.1f'):>9} "
+                  f"{fmt(r.get('tiered_decode_ms')):>9} {fmt(r.get('tiered_peak_gib'), '.1f'):>6} "
+                  f"{fmt(r.get('tiered_host_gib'), '.1f'):>8} "
+                  f"{fmt(r.get('tiered_hit_rate'), '.2f'):>5}")  # fmt: skip
     for r in rows:
         if r["kind"] == "prefill":
             print(f"prefill {r['shape']:<13} {r['tokens']:>8}: agentmem "

@@ -101,6 +101,10 @@ class AgentMemCache(Cache):
         """Bytes held by every layer's keys, values and representatives."""
         return sum(layer.state.nbytes() for layer in self.layers)
 
+    def host_nbytes(self) -> int:
+        """Bytes of `nbytes` in host memory: the unit pools of a tiered memory (`device_units`)."""
+        return sum(layer.host_nbytes() for layer in self.memory_layers)
+
     def state_dict(self, units_from: list[int] | None = None) -> dict:
         """Every layer's state: {"meta": {"memory", "layers"}, "tensors": {"<layer>.<name>"}}.
 

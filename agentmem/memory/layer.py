@@ -38,7 +38,7 @@ class MemoryLayer:
         self.seen = 0  # tokens of the stream this layer has attended
         self.sink_k: torch.Tensor | None = None  # [B, Hkv, S, D]
         self.sink_v: torch.Tensor | None = None
-        self.units = UnitStore(config.unit_size)
+        self.units = UnitStore(config.unit_size, config.device_units)
         self.local = (GrowingTensor(), GrowingTensor(), GrowingTensor())  # keys, values, mass
         # infllm/stacked: the local keys also kept rotated to their place in the window (key j at
         # position j), so that the kernel reads them as they are; redone when packing shifts them.
@@ -119,16 +119,16 @@ class MemoryLayer:
         self.stop_static()
         self.seen, self.dropped = meta["seen"], meta["dropped"]
         self.sink_k, self.sink_v = tensors.get("sink_k"), tensors.get("sink_v")
-        self.units = UnitStore(self.config.unit_size)
+        self.units = UnitStore(self.config.unit_size, self.config.device_units)
         self.units.start = meta["units_start"]
         unit_k, unit_v = tensors.get("unit_k"), tensors.get("unit_v")
-        if isinstance(unit_k, LazyRows):  # a lazy resume: read as steps retrieve them
-            self.units.hold_lazy(unit_k, unit_v, reps, reps.device)
-        else:
-            self.units.keys = GrowingTensor.holding(unit_k)
-            self.units.values = GrowingTensor.holding(unit_v)
-            self.units.reps = GrowingTensor.holding(reps)
         local_k = tensors.get("local_k")
+        held = (t.device for t in (reps, local_k, self.sink_k) if t is not None)
+        device = next(held, torch.device("cpu"))
+        if isinstance(unit_k, LazyRows):  # a lazy resume: read as steps retrieve them
+            self.units.hold_lazy(unit_k, unit_v, reps, device)
+        else:
+            self.units.hold(unit_k, unit_v, reps, device)
         self.local = tuple(
             GrowingTensor.holding(tensors.get(name))
             for name in ("local_k", "local_v", "local_mass")
@@ -282,13 +282,16 @@ class MemoryLayer:
         """[sinks | units `ids` | first `n_local` keys of the local buffer], positions as the
         policy says; adds the attention local keys received to their mass."""
         cfg = self.config
+        pool_k, pool_v = self.units.keys.buffer, self.units.values.buffer
+        if ids is not None:  # tiered: the units fetched to the device cache, read from there
+            pool_k, pool_v, ids = self.units.pool_for(ids)
         span = 1 if cfg.position == "infllm" else max(cfg.unit_size, cfg.n_init)
         cos, sin = self.rotary.table(
             max(cfg.n_local + span, self.local[0].capacity), torch.float32, q.device
         )
         out, _, mass = memory_attention(
             q, sink_k=self.sink_k, sink_v=self.sink_v,
-            pool_k=self.units.keys.buffer, pool_v=self.units.values.buffer, ids=ids,
+            pool_k=pool_k, pool_v=pool_v, ids=ids,
             unit_size=cfg.unit_size, local_k=self.local_rotated.buffer,
             local_v=self.local[1].buffer, n_local=n_local, cos=cos, sin=sin, scale=scale,
             memory_q_pos=cfg.n_local + span - 1, stacked=cfg.position == "stacked",
@@ -397,6 +400,8 @@ class MemoryLayer:
                 f"static steps start once the memory holds {cfg.n_init} sinks and at least "
                 f"topk={cfg.topk} units; this layer has {self.n_sinks} and {self.units.n_units}"
             )
+        if tokens > 1 and cfg.device_units is not None:
+            return "static steps of several tokens pack units into the pool on the device"
         if tokens > 1 and (tokens % cfg.unit_size or tokens > cfg.exec_chunk):
             return f"static steps of {tokens} tokens need a multiple of unit_size up to exec_chunk"
         if tokens > 1 and not cfg.n_local - cfg.unit_size < self.n_local <= cfg.n_local:
@@ -413,9 +418,7 @@ class MemoryLayer:
         self.units.materialize()  # a captured step retrieves on the device: every unit read
         for part in (*self.local, self.local_rotated):
             part.reserve(cfg.n_local)
-        for part in (self.units.keys, self.units.values):
-            part.reserve(unit_capacity * cfg.unit_size)
-        self.units.reps.reserve(unit_capacity)
+        self.units.reserve(unit_capacity, self.local_k.device)
         if self.recent_q is not None:  # captured steps write it in place: this layer's own
             self.recent_q = self.recent_q.clone()
         self.counts = torch.zeros(2, dtype=torch.int32, device=self.local_k.device)
@@ -532,3 +535,7 @@ class MemoryLayer:
             t.numel() * t.element_size() for t in (self.sink_k, self.sink_v) if t is not None
         )
         return held + sinks + self.units.nbytes()
+
+    def host_nbytes(self) -> int:
+        """Bytes of `nbytes` held in host memory (KV tiers), the rest on the memory's device."""
+        return self.units.host_nbytes()

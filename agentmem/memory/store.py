@@ -2,7 +2,8 @@
 
 Units are contiguous in the stream: unit i holds tokens from `start + i * unit_size` on, so spans
 are derived, never stored. Buffers grow by doubling, so appending is amortised O(1) and a step's
-cost does not grow with what came before.
+cost does not grow with what came before. With KV tiers (`device_units`) the keys and values live
+in host memory and a `UnitCache` holds the retrieved ones on the device (`agentmem.memory.tiers`).
 """
 
 from __future__ import annotations
@@ -11,21 +12,47 @@ from collections.abc import Callable
 
 import torch
 
+from agentmem.memory.tiers import UnitCache
+
 
 class GrowingTensor:
-    """A tensor that grows along dim 2 (`[B, H, n, ...]`), with spare capacity."""
+    """A tensor that grows along dim 2 (`[B, H, n, ...]`), with spare capacity.
 
-    def __init__(self) -> None:
+    `host`: the storage is in host memory whatever device the entries come from, pinned when they
+    come from CUDA (or `pin`), its capacity a power of two (the size the pinned allocator rounds
+    every block up to anyway).
+    """
+
+    def __init__(self, *, host: bool = False, pin: bool = False) -> None:
         self._data: torch.Tensor | None = None
         self.length = 0
+        self.host, self.pin = host, pin
 
     @classmethod
-    def holding(cls, x: torch.Tensor | None) -> GrowingTensor:
-        """A tensor whose entries are `x` [B, H, n, ...] (taken as storage, not copied)."""
-        grown = cls()
-        if x is not None:
+    def holding(
+        cls, x: torch.Tensor | None, *, host: bool = False, pin: bool = False
+    ) -> GrowingTensor:
+        """A tensor whose entries are `x` [B, H, n, ...]: taken as storage, not copied, unless
+        `host` storage is asked for and `x` is elsewhere (or not pinned, `pin`)."""
+        grown = cls(host=host, pin=pin)
+        if x is None:
+            return grown
+        if host and (x.device.type != "cpu" or (grown._pins(x) and not x.is_pinned())):
+            grown.append(x)
+        else:
             grown._data, grown.length = x, x.shape[2]
         return grown
+
+    def _pins(self, x: torch.Tensor) -> bool:
+        return self.host and (self.pin or x.is_cuda or x.is_pinned())
+
+    def _new_storage(self, like: torch.Tensor, capacity: int) -> torch.Tensor:
+        shape = (*like.shape[:2], capacity, *like.shape[3:])
+        if not self.host:
+            return like.new_empty(shape)
+        capacity = 1 << max(capacity - 1, 1).bit_length()
+        shape = (*like.shape[:2], capacity, *like.shape[3:])
+        return torch.empty(shape, dtype=like.dtype, device="cpu", pin_memory=self._pins(like))
 
     @property
     def data(self) -> torch.Tensor | None:
@@ -45,7 +72,7 @@ class GrowingTensor:
     def append(self, x: torch.Tensor) -> None:
         n = x.shape[2]
         if self._data is None:
-            self._data = x.new_empty((*x.shape[:2], max(n, 16), *x.shape[3:]))
+            self._data = self._new_storage(x, max(n, 16))
         elif self.length + n > self._data.shape[2]:
             self.reserve(max(self.length + n, 2 * self._data.shape[2]))
         self._data[:, :, self.length : self.length + n] = x
@@ -57,9 +84,17 @@ class GrowingTensor:
             raise RuntimeError("reserve needs the tensor's first entries (for shape and dtype)")
         if capacity <= self._data.shape[2]:
             return
-        grown = self._data.new_empty((*self._data.shape[:2], capacity, *self._data.shape[3:]))
-        grown[:, :, : self.length] = self._data[:, :, : self.length]
+        old = self._data
+        grown = self._new_storage(old, capacity)
+        grown[:, :, : self.length] = old[:, :, : self.length]
         self._data = grown
+        if old.is_pinned():
+            # The pinned allocator keeps freed blocks for reuse; a pool that grew never shrinks
+            # back, so its old block would only add to what the host holds.
+            del old
+            release = getattr(torch._C, "_host_emptyCache", None)
+            if release is not None:
+                release()
 
     def pop_front(self, n: int) -> torch.Tensor:
         """Remove and return the first n entries; the rest move to the front, in place."""
@@ -105,14 +140,18 @@ class LazyRows:
 class UnitStore:
     """Keys, values and representatives of every packed unit of one layer.
 
-    keys, values: [B, Hkv, n_units * unit_size, D]; reps: [B, Hkv, n_units, R, D].
+    keys, values: [B, Hkv, n_units * unit_size, D]; reps: [B, Hkv, n_units, R, D]. With
+    `device_units`, keys and values are in host memory and `cache` holds that many units of them
+    per (batch row, KV head) on the device (`pool_for`).
     """
 
-    def __init__(self, unit_size: int) -> None:
+    def __init__(self, unit_size: int, device_units: int | None = None) -> None:
         self.unit_size = unit_size
         self.start = 0  # stream index of the first unit's first token
-        self.keys = GrowingTensor()
-        self.values = GrowingTensor()
+        tiered = device_units is not None
+        self.cache = UnitCache(device_units, unit_size) if tiered else None
+        self.keys = GrowingTensor(host=tiered)
+        self.values = GrowingTensor(host=tiered)
         self.reps = GrowingTensor()
 
         self._lazy: tuple[LazyRows, LazyRows] | None = None  # keys, values not read yet
@@ -130,9 +169,15 @@ class UnitStore:
         n_units = reps.shape[2]
         if keys.shape[2] != n_units * self.unit_size or values.shape != keys.shape:
             raise ValueError(f"lazy rows of shape {keys.shape} for {n_units} units")
-        self.keys = GrowingTensor.holding(torch.empty(keys.shape, dtype=keys.dtype, device=device))
-        self.values = GrowingTensor.holding(
-            torch.empty(values.shape, dtype=values.dtype, device=device)
+        tiered = self.cache is not None  # then the pool is in host memory, the reps on device
+        pin = tiered and torch.device(device).type == "cuda"
+        where = "cpu" if tiered else device
+        self.keys, self.values = (
+            GrowingTensor.holding(
+                torch.empty(rows.shape, dtype=rows.dtype, device=where, pin_memory=pin),
+                host=tiered,
+            )
+            for rows in (keys, values)
         )
         self.reps = GrowingTensor.holding(reps)
         self._lazy = (keys, values)
@@ -189,8 +234,44 @@ class UnitStore:
         first = self.start + unit * self.unit_size
         return first, first + self.unit_size
 
+    def hold(
+        self, keys: torch.Tensor | None, values: torch.Tensor | None, reps: torch.Tensor | None,
+        device: torch.device,
+    ) -> None:  # fmt: skip
+        """Hold units given whole (a state): taken as they are, or, tiered, copied to (pinned)
+        host memory unless there already."""
+        tiered = self.cache is not None
+        pin = tiered and torch.device(device).type == "cuda"
+        self.keys = GrowingTensor.holding(keys, host=tiered, pin=pin)
+        self.values = GrowingTensor.holding(values, host=tiered, pin=pin)
+        self.reps = GrowingTensor.holding(reps)
+
+    def pool_for(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values and indices a step reads the units `ids` [B, H, k] from: the pool and
+        `ids` themselves, or, tiered, the device cache and the slots the units were fetched to."""
+        if self.cache is None:
+            return self.keys.buffer, self.values.buffer, ids
+        pool_k, pool_v = self.keys.buffer, self.values.buffer
+        self.cache.reserve(pool_k, pool_k.shape[2] // self.unit_size, ids.device)
+        slots = self.cache.fetch(ids, pool_k, pool_v)
+        return self.cache.keys, self.cache.values, slots
+
+    def reserve(self, n_units: int, device: torch.device) -> None:
+        """Room for `n_units` units without moving anything (before a captured step)."""
+        for part in (self.keys, self.values):
+            part.reserve(n_units * self.unit_size)
+        self.reps.reserve(n_units)
+        if self.cache is not None:
+            self.cache.reserve(self.keys.buffer, self.keys.capacity // self.unit_size, device)
+
     def nbytes(self) -> int:
-        return self.keys.nbytes() + self.values.nbytes() + self.reps.nbytes()
+        """Bytes held, every tier."""
+        cache = 0 if self.cache is None else self.cache.nbytes()
+        return self.keys.nbytes() + self.values.nbytes() + self.reps.nbytes() + cache
+
+    def host_nbytes(self) -> int:
+        """Bytes held in host memory (the pool's keys and values, tiered)."""
+        return 0 if self.cache is None else self.keys.nbytes() + self.values.nbytes()
 
 
 def _runs(values: list[int], longest: int) -> list[tuple[int, int]]:

@@ -2,9 +2,9 @@
 
 `reference` holds the exact pure-torch implementation of every entry point; it runs on any device
 and is what the Triton kernels are tested against. `placed_attention`, `memory_attention`,
-`local_key_mass` and `unit_mass` (hence `score_units`) have Triton kernels: the backend is chosen
-once per device type (Triton on CUDA, the reference elsewhere), logged, and can be forced with
-`AGENTMEM_KERNELS=reference|triton` or `use_backend`.
+`local_key_mass`, `unit_mass` (hence `score_units`) and `copy_units` have Triton kernels: the
+backend is chosen once per device type (Triton on CUDA, the reference elsewhere), logged, and can
+be forced with `AGENTMEM_KERNELS=reference|triton` or `use_backend`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ __all__ = [
     "attention",
     "backend",
     "capturable",
+    "copy_units",
     "gather_units",
     "local_key_mass",
     "memory_attention",
@@ -99,6 +100,15 @@ def score_units(q: torch.Tensor, reps: torch.Tensor, *, k: int, **kwargs) -> tor
     return top_units(unit_mass(q, reps, **kwargs), k)
 
 
+def copy_units(
+    src_k: torch.Tensor, src_v: torch.Tensor, ids: torch.Tensor,
+    dst_k: torch.Tensor, dst_v: torch.Tensor, slots: torch.Tensor, unit_size: int,
+) -> None:  # fmt: skip
+    """See `reference.copy_units`; runs on the backend chosen for the cache's device."""
+    run = _implementation("copy_units", dst_k)
+    run(src_k, src_v, ids, dst_k, dst_v, slots, unit_size)
+
+
 def capturable(device: torch.device, head_dim: int) -> bool:
     """Whether a memory step on this device reads nothing back to the host, so that a CUDA graph
     can capture it: the Triton backend with a head size its kernels cover."""
@@ -115,6 +125,7 @@ _TRITON_MODULES = {
     "memory_attention": "triton_memory",
     "unit_mass": "triton_memory",
     "local_key_mass": "triton_memory",
+    "copy_units": "triton_memory",
 }
 
 

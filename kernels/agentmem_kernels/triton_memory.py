@@ -614,3 +614,57 @@ def local_key_mass(
         EXACT=q.dtype == torch.float32, N_ON_DEVICE=on_device, num_warps=4, num_stages=stages,
     )  # fmt: skip
     return mass
+
+
+@triton.jit
+def copy_units_kernel(
+    src_k, src_v, ids, dst_k, dst_v, slots,
+    stride_sb, stride_sh, stride_db, stride_dh, stride_ib, stride_ih,
+    HKV, UNIT_NUMEL: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Each program copies one unit (unit_size x D contiguous values) of keys and values, or
+    nothing where its slot is -1. The source may be pinned host memory, read through UVA."""
+    i_bh, i_j = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // HKV, i_bh % HKV
+    slot = tl.load(slots + i_b * stride_ib + i_h * stride_ih + i_j).to(tl.int64)
+    unit = tl.load(ids + i_b * stride_ib + i_h * stride_ih + i_j).to(tl.int64)
+    src = i_b.to(tl.int64) * stride_sb + i_h.to(tl.int64) * stride_sh + unit * UNIT_NUMEL
+    dst = i_b.to(tl.int64) * stride_db + i_h.to(tl.int64) * stride_dh + slot * UNIT_NUMEL
+    limit = tl.where(slot >= 0, UNIT_NUMEL, 0)  # a -1 slot copies nothing
+    for first in range(0, UNIT_NUMEL, BLOCK):
+        offsets = first + tl.arange(0, BLOCK)
+        mask = offsets < limit
+        tl.store(dst_k + dst + offsets, tl.load(src_k + src + offsets, mask=mask), mask=mask)
+        tl.store(dst_v + dst + offsets, tl.load(src_v + src + offsets, mask=mask), mask=mask)
+
+
+def copy_units(
+    src_k: torch.Tensor, src_v: torch.Tensor, ids: torch.Tensor,
+    dst_k: torch.Tensor, dst_v: torch.Tensor, slots: torch.Tensor, unit_size: int,
+) -> None:  # fmt: skip
+    """Same signature and effect as `reference.copy_units`, without reading anything back (a
+    graph captures it). A source in host memory must be pinned: the kernel reads it in place."""
+    batch, n_kv_heads, k = slots.shape
+    head_dim = dst_k.shape[-1]
+    for name, x in (("src_k", src_k), ("src_v", src_v), ("dst_k", dst_k), ("dst_v", dst_v)):
+        if x.stride(-1) != 1 or x.stride(-2) != head_dim:
+            raise ValueError(f"copy_units needs {name}'s rows dense, got strides {x.stride()}")
+        if x.dtype != dst_k.dtype:
+            raise ValueError(f"copy_units copies within one dtype: {name} is {x.dtype}")
+        if x.device.type == "cpu" and dst_k.is_cuda and not x.is_pinned():
+            raise ValueError(f"copy_units reads host memory in place: pin {name}")
+    if src_k.stride()[:2] != src_v.stride()[:2] or dst_k.stride()[:2] != dst_v.stride()[:2]:
+        raise ValueError("copy_units needs keys and values of one layout")
+    ids, slots = ids.contiguous(), slots.contiguous()
+    if ids.shape != slots.shape:
+        raise ValueError(f"ids {tuple(ids.shape)} and slots {tuple(slots.shape)} differ")
+    if k == 0:
+        return
+    unit_numel = unit_size * head_dim
+    copy_units_kernel[(batch * n_kv_heads, k)](
+        src_k, src_v, ids, dst_k, dst_v, slots,
+        src_k.stride(0), src_k.stride(1), dst_k.stride(0), dst_k.stride(1),
+        slots.stride(0), slots.stride(1),
+        n_kv_heads, UNIT_NUMEL=unit_numel, BLOCK=min(2048, triton.next_power_of_2(unit_numel)),
+        num_warps=4,
+    )  # fmt: skip

@@ -69,6 +69,32 @@ def test_static_steps_equal_ordinary_steps(position, repr, query_window):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("position", ["infllm", "stacked"])
+def test_static_steps_of_a_tiered_memory_equal_ordinary_steps_of_a_whole_one(position):
+    """KV tiers under static steps: the host pool (pinned on a GPU, read in place by the captured
+    copy) and the device cache give the logits of a memory that holds every unit on its device."""
+    model, tokens = _model_and_tokens(1, 200)
+    config = CONFIG.model_copy(update={"position": position})
+    tiered = config.model_copy(update={"device_units": 3})
+    prompt, follow = tokens[:, :100], tokens[:, 100:]
+    ordinary = agentmem.new_cache(model, config)
+    static = agentmem.new_cache(model, tiered)
+    for cache in (ordinary, static):
+        prefill(model, cache, prompt, chunk=16)
+    decoder = StaticDecoder(model, static, unit_room=2)
+    for token in follow.T:
+        want = decode_one_token(model, ordinary, token)
+        torch.testing.assert_close(decoder.step(token), want, atol=1e-4, rtol=1e-4)
+    assert decoder.unit_room > 2  # the host pool filled and moved: captured again
+    decoder.close()
+    for a, b in zip(ordinary.memory_layers, static.memory_layers, strict=True):
+        assert torch.equal(b.last_ids, a.last_ids)
+        assert b.units.keys.buffer.device.type == "cpu"
+        assert b.units.keys.buffer.is_pinned() == (DEVICE == "cuda")
+        assert b.units.cache.keys.device.type == DEVICE
+        assert 0 < b.units.cache.hit_rate() < 1
+
+
 def test_static_decoding_needs_a_steady_state():
     model = build("llama").to(DEVICE)
     agentmem.wrap(model, CONFIG)

@@ -265,3 +265,40 @@ def test_unit_mass_skips_spare_capacity():
         want = reference.unit_mass(q, reps, kind="dot", scale=0.2, n_valid=n_valid)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         assert torch.all(got[..., 70:] == -1)
+
+
+def _copy_case(dtype=torch.float16, *, src_device=DEVICE):
+    torch.manual_seed(3)
+    pool = [torch.randn(2, 3, 9 * UNIT, 32, dtype=dtype, device=src_device) for _ in range(2)]
+    if src_device == "cpu" and DEVICE == "cuda":  # a host pool, read in place through UVA
+        pool = [p.pin_memory() for p in pool]
+    cache = [torch.full((2, 3, 4 * UNIT, 32), float("nan"), dtype=dtype, device=DEVICE)
+             for _ in range(2)]  # fmt: skip
+    ids = torch.randint(0, 9, (2, 3, 3), device=DEVICE)
+    slots = torch.stack([torch.randperm(4, device=DEVICE)[:3] for _ in range(6)]).view(2, 3, 3)
+    slots[0, 1, 2] = slots[1, 0, 0] = -1  # hits: nothing to copy
+    return pool, cache, ids, slots
+
+
+@pytest.mark.parametrize("src_device", sorted({"cpu", DEVICE}))
+def test_copy_units_matches_the_reference(src_device):
+    pool, cache, ids, slots = _copy_case(src_device=src_device)
+    want = [c.clone() for c in cache]
+    reference.copy_units(*pool, ids, *want, slots, UNIT)
+    triton_memory.copy_units(*pool, ids, *cache, slots, UNIT)
+    for got, expected in zip(cache, want, strict=True):
+        torch.testing.assert_close(got, expected, equal_nan=True, rtol=0, atol=0)
+    # and the reference did what it says: slot s holds unit ids[..., j], untouched slots stay NaN
+    for b, h, j in [(0, 0, 0), (1, 2, 1)]:
+        s, u = int(slots[b, h, j]), int(ids[b, h, j])
+        expected = pool[0][b, h, u * UNIT : (u + 1) * UNIT].to(DEVICE)
+        torch.testing.assert_close(want[0][b, h, s * UNIT : (s + 1) * UNIT], expected)
+    assert want[0][0, 1].isnan().any(), "a -1 slot must leave the cache as it was"
+
+
+def test_copy_units_refuses_rows_it_would_misread():
+    pool, cache, ids, slots = _copy_case()
+    with pytest.raises(ValueError, match="dense"):
+        triton_memory.copy_units(pool[0].transpose(2, 3), pool[1], ids, *cache, slots, UNIT)
+    with pytest.raises(ValueError, match="dtype"):
+        triton_memory.copy_units(pool[0].float(), pool[1], ids, *cache, slots, UNIT)
