@@ -16,7 +16,7 @@ from agentmem.memory.pending import PendingKV, shift_in
 from agentmem.memory.policy import Rope, Window, attend
 from agentmem.memory.representatives import representatives, score_kind
 from agentmem.memory.store import GrowingTensor, LazyRows, UnitStore
-from agentmem_kernels import gather_units, memory_attention, rope, score_units
+from agentmem_kernels import copy_units, gather_units, memory_attention, rope, score_units
 
 
 class MemoryLayer:
@@ -400,8 +400,6 @@ class MemoryLayer:
                 f"static steps start once the memory holds {cfg.n_init} sinks and at least "
                 f"topk={cfg.topk} units; this layer has {self.n_sinks} and {self.units.n_units}"
             )
-        if tokens > 1 and cfg.device_units is not None:
-            return "static steps of several tokens pack units into the pool on the device"
         if tokens > 1 and (tokens % cfg.unit_size or tokens > cfg.exec_chunk):
             return f"static steps of {tokens} tokens need a multiple of unit_size up to exec_chunk"
         if tokens > 1 and not cfg.n_local - cfg.unit_size < self.n_local <= cfg.n_local:
@@ -503,10 +501,18 @@ class MemoryLayer:
             r=cfg.repr_topk,
         )  # fmt: skip
         first_unit = self.counts[1:2].long()
-        rows = first_unit * unit + torch.arange(tokens, device=q.device)
-        self.units.keys.buffer.index_copy_(2, rows, keys)
-        self.units.values.buffer.index_copy_(2, rows, values)
-        unit_rows = first_unit + torch.arange(n_units, device=q.device)
+        new_units = torch.arange(n_units, device=q.device)
+        unit_rows = first_unit + new_units
+        if self.units.cache is None:
+            rows = first_unit * unit + torch.arange(tokens, device=q.device)
+            self.units.keys.buffer.index_copy_(2, rows, keys)
+            self.units.values.buffer.index_copy_(2, rows, values)
+        else:  # tiered: written into the host pool in place, by the device
+            shape = (*keys.shape[:2], n_units)
+            copy_units(
+                self.local[0].buffer, self.local[1].buffer, new_units.expand(shape),
+                self.units.keys.buffer, self.units.values.buffer, unit_rows.expand(shape), unit,
+            )  # fmt: skip
         self.units.reps.buffer.index_copy_(2, unit_rows, reps)
         self.counts[1:2].add_(n_units)
         zeros = torch.zeros(k.shape[:3], device=k.device)

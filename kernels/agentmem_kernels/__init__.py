@@ -104,8 +104,9 @@ def copy_units(
     src_k: torch.Tensor, src_v: torch.Tensor, ids: torch.Tensor,
     dst_k: torch.Tensor, dst_v: torch.Tensor, slots: torch.Tensor, unit_size: int,
 ) -> None:  # fmt: skip
-    """See `reference.copy_units`; runs on the backend chosen for the cache's device."""
-    run = _implementation("copy_units", dst_k)
+    """See `reference.copy_units`; runs on the backend chosen for the device of the side not in
+    host memory."""
+    run = _implementation("copy_units", dst_k if dst_k.device.type != "cpu" else src_k)
     run(src_k, src_v, ids, dst_k, dst_v, slots, unit_size)
 
 

@@ -441,11 +441,12 @@ def copy_units(
     src_k: torch.Tensor, src_v: torch.Tensor, ids: torch.Tensor,
     dst_k: torch.Tensor, dst_v: torch.Tensor, slots: torch.Tensor, unit_size: int,
 ) -> None:  # fmt: skip
-    """Copy units `ids` of a pool into the slots `slots` of a cache, where a slot is >= 0.
+    """Copy units `ids` of one pool into the unit slots `slots` of another, where a slot is >= 0.
 
-    src_k, src_v: [B, H, N * unit_size, D], on any device (host memory for a tiered memory);
-    dst_k, dst_v: [B, H, P * unit_size, D]; ids, slots: [B, H, k] int on dst's device, -1 slots
-    copy nothing. The reference reads the wanted pairs back to the host (no graph captures it).
+    src_k, src_v: [B, H, N * unit_size, D]; dst_k, dst_v: [B, H, P * unit_size, D]; either pair
+    may be in host memory (a tiered memory's pool: fetched from, or packed into). ids, slots:
+    [B, H, k] int on the device that runs the copy; -1 slots copy nothing. The reference reads
+    the wanted pairs back to the host (no graph captures it).
     """
     b, h, j = (slots >= 0).nonzero(as_tuple=True)
     if not len(b):
@@ -455,5 +456,8 @@ def copy_units(
     dst_rows = (slots[b, h, j].unsqueeze(-1) * unit_size + offsets).flatten()
     b, h = b.repeat_interleave(unit_size), h.repeat_interleave(unit_size)
     on_src = [index.to(src_k.device) for index in (b, h, src_rows)]
+    on_dst = [index.to(dst_k.device) for index in (b, h, dst_rows)]
     for src, dst in ((src_k, dst_k), (src_v, dst_v)):
-        dst[b, h, dst_rows] = src[on_src[0], on_src[1], on_src[2]].to(dst.device, dst.dtype)
+        dst[on_dst[0], on_dst[1], on_dst[2]] = src[on_src[0], on_src[1], on_src[2]].to(
+            dst.device, dst.dtype
+        )

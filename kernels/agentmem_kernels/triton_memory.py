@@ -623,7 +623,7 @@ def copy_units_kernel(
     HKV, UNIT_NUMEL: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Each program copies one unit (unit_size x D contiguous values) of keys and values, or
-    nothing where its slot is -1. The source may be pinned host memory, read through UVA."""
+    nothing where its slot is -1. Either side may be pinned host memory, reached through UVA."""
     i_bh, i_j = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HKV, i_bh % HKV
     slot = tl.load(slots + i_b * stride_ib + i_h * stride_ih + i_j).to(tl.int64)
@@ -643,7 +643,7 @@ def copy_units(
     dst_k: torch.Tensor, dst_v: torch.Tensor, slots: torch.Tensor, unit_size: int,
 ) -> None:  # fmt: skip
     """Same signature and effect as `reference.copy_units`, without reading anything back (a
-    graph captures it). A source in host memory must be pinned: the kernel reads it in place."""
+    graph captures it). A side in host memory must be pinned: the kernel reaches it in place."""
     batch, n_kv_heads, k = slots.shape
     head_dim = dst_k.shape[-1]
     for name, x in (("src_k", src_k), ("src_v", src_v), ("dst_k", dst_k), ("dst_v", dst_v)):
@@ -651,8 +651,8 @@ def copy_units(
             raise ValueError(f"copy_units needs {name}'s rows dense, got strides {x.stride()}")
         if x.dtype != dst_k.dtype:
             raise ValueError(f"copy_units copies within one dtype: {name} is {x.dtype}")
-        if x.device.type == "cpu" and dst_k.is_cuda and not x.is_pinned():
-            raise ValueError(f"copy_units reads host memory in place: pin {name}")
+        if x.device.type == "cpu" and slots.is_cuda and not x.is_pinned():
+            raise ValueError(f"copy_units reaches host memory in place: pin {name}")
     if src_k.stride()[:2] != src_v.stride()[:2] or dst_k.stride()[:2] != dst_v.stride()[:2]:
         raise ValueError("copy_units needs keys and values of one layout")
     ids, slots = ids.contiguous(), slots.contiguous()

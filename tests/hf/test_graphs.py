@@ -147,12 +147,19 @@ def test_sliding_layers_start_static_steps_once_their_window_is_full():
         sliding.start_static(16)
 
 
-@pytest.mark.parametrize(("repr", "query_window"), [("attention", 1), ("minmax", 1), ("mean", 40)])
-def test_static_prefill_chunks_equal_ordinary_chunks(repr, query_window):
-    # chunks of 16 = 2 units of 8; a query window of 40 joins each chunk to earlier queries
+@pytest.mark.parametrize(
+    ("repr", "query_window", "device_units"),
+    [("attention", 1, None), ("minmax", 1, None), ("mean", 40, None), ("mean", 40, 3)],
+)
+def test_static_prefill_chunks_equal_ordinary_chunks(repr, query_window, device_units):
+    # chunks of 16 = 2 units of 8; a query window of 40 joins each chunk to earlier queries;
+    # device_units: the static memory's units packed into its host pool by the captured copy
     memory = CONFIG.model_copy(update={"repr": repr, "query_window": query_window})
     model, tokens = _model_and_tokens(1, 300, batch=2, memory=memory)
-    ordinary, static = _twin_caches(model, tokens[:, :60])
+    tiered = memory.model_copy(update={"device_units": device_units})
+    ordinary, static = agentmem.new_cache(model, memory), agentmem.new_cache(model, tiered)
+    for cache in (ordinary, static):
+        prefill(model, cache, tokens[:, :60], chunk=16)
     steps = StaticSteps(model, static, tokens=16, unit_room=4)  # grows twice on the way
     with torch.inference_mode():  # the caches' tensors were made under inference mode
         for first in range(60, 300, 16):

@@ -267,12 +267,17 @@ def test_unit_mass_skips_spare_capacity():
         assert torch.all(got[..., 70:] == -1)
 
 
-def _copy_case(dtype=torch.float16, *, src_device=DEVICE):
+def _copy_case(dtype=torch.float16, *, src_device=DEVICE, dst_device=DEVICE):
+    """A pool of 9 units, a cache of 4 slots; on a GPU, a side on the host is pinned (read or
+    written in place through UVA: a tiered memory's fetch, or its captured packing)."""
     torch.manual_seed(3)
-    pool = [torch.randn(2, 3, 9 * UNIT, 32, dtype=dtype, device=src_device) for _ in range(2)]
-    if src_device == "cpu" and DEVICE == "cuda":  # a host pool, read in place through UVA
-        pool = [p.pin_memory() for p in pool]
-    cache = [torch.full((2, 3, 4 * UNIT, 32), float("nan"), dtype=dtype, device=DEVICE)
+
+    def place(x, device):
+        x = x.to(device)
+        return x.pin_memory() if device == "cpu" and DEVICE == "cuda" else x
+
+    pool = [place(torch.randn(2, 3, 9 * UNIT, 32, dtype=dtype), src_device) for _ in range(2)]
+    cache = [place(torch.full((2, 3, 4 * UNIT, 32), float("nan"), dtype=dtype), dst_device)
              for _ in range(2)]  # fmt: skip
     ids = torch.randint(0, 9, (2, 3, 3), device=DEVICE)
     slots = torch.stack([torch.randperm(4, device=DEVICE)[:3] for _ in range(6)]).view(2, 3, 3)
@@ -280,9 +285,10 @@ def _copy_case(dtype=torch.float16, *, src_device=DEVICE):
     return pool, cache, ids, slots
 
 
-@pytest.mark.parametrize("src_device", sorted({"cpu", DEVICE}))
-def test_copy_units_matches_the_reference(src_device):
-    pool, cache, ids, slots = _copy_case(src_device=src_device)
+@pytest.mark.parametrize(("src_device", "dst_device"),
+                         sorted({("cpu", DEVICE), (DEVICE, "cpu"), (DEVICE, DEVICE)}))  # fmt: skip
+def test_copy_units_matches_the_reference(src_device, dst_device):
+    pool, cache, ids, slots = _copy_case(src_device=src_device, dst_device=dst_device)
     want = [c.clone() for c in cache]
     reference.copy_units(*pool, ids, *want, slots, UNIT)
     triton_memory.copy_units(*pool, ids, *cache, slots, UNIT)
@@ -291,7 +297,7 @@ def test_copy_units_matches_the_reference(src_device):
     # and the reference did what it says: slot s holds unit ids[..., j], untouched slots stay NaN
     for b, h, j in [(0, 0, 0), (1, 2, 1)]:
         s, u = int(slots[b, h, j]), int(ids[b, h, j])
-        expected = pool[0][b, h, u * UNIT : (u + 1) * UNIT].to(DEVICE)
+        expected = pool[0][b, h, u * UNIT : (u + 1) * UNIT].to(dst_device)
         torch.testing.assert_close(want[0][b, h, s * UNIT : (s + 1) * UNIT], expected)
     assert want[0][0, 1].isnan().any(), "a -1 slot must leave the cache as it was"
 
