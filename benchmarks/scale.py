@@ -9,10 +9,10 @@
   over the same number of keys, and against the GPU's measured matmul and copy ceilings; the
   retrieval step's time per layer;
 - peak GPU memory against context length;
-- with `--device-units P`, decode again with KV tiers (`MemoryConfig.device_units`): unit keys and
-  values in pinned host memory, P units per layer and key head cached on the GPU; its peak is
-  taken after the fill (which makes each layer's units on the GPU before they move to the host),
-  beside the cache's hit rate and the host memory held.
+- with `--device-units P`, decode and prefill again with KV tiers (`MemoryConfig.device_units`):
+  unit keys and values in pinned host memory, P units per layer and key head cached on the GPU;
+  the tiered decode's peak is taken after the fill (which makes each layer's units on the GPU
+  before they move to the host), beside the cache's hit rate and the host memory held.
 
 Models are built from config with random weights (no download): Llama-3.2-1B and Llama-3.1-8B
 shapes in bf16, and Gemma-3-270M's shape in fp32 (the dtype it is run in: it decodes digits badly
@@ -505,6 +505,9 @@ def main(argv: list[str] | None = None) -> int:
             row = {"kind": "prefill", "shape": shape, "tokens": n_tokens}
             try:
                 row.update(prefill_agentmem(model, memory, n_tokens))
+                if tiered:
+                    measured = prefill_agentmem(model, tiered, n_tokens)
+                    row.update({f"tiered_{key}": value for key, value in measured.items()})
                 if n_tokens <= args.full_max_prefill:
                     row.update(prefill_full(model, n_tokens))
             except torch.OutOfMemoryError as error:
@@ -544,7 +547,8 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         if r["kind"] == "prefill":
             print(f"prefill {r['shape']:<13} {r['tokens']:>8}: agentmem "
-                  f"{fmt(r.get('prefill_tok_s'), '.0f')} tok/s, full "
+                  f"{fmt(r.get('prefill_tok_s'), '.0f')} tok/s, tiered "
+                  f"{fmt(r.get('tiered_prefill_tok_s'), '.0f')} tok/s, full "
                   f"{fmt(r.get('full_prefill_tok_s'), '.0f')} tok/s")  # fmt: skip
         if r["kind"] == "kernel":
             print(f"kernel {r['shape']} ({r['keys']} keys): prefill {r['prefill_tflops']:.0f} "

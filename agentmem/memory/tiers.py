@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import torch
 
-from agentmem_kernels import copy_units
+from agentmem_kernels import copy_units, fetch_units
 
 
 class UnitCache:
     """P device slots per (batch row, KV head) holding units of a host pool, least recently used
     out first.
 
-    Tables, each with one scratch column at its end that masked writes go to (no branch, no
-    read-back): `slot_of` [B, H, C + 1] the slot of unit u or -1, `unit_of` [B, H, P + 1] the unit
-    in slot s or -1, `last_used` [B, H, P + 1] the fetch that last asked for slot s.
+    Tables (`agentmem_kernels.fetch_units`), each with one scratch column at its end that masked
+    writes go to (no branch, no read-back): `slot_of` [B, H, C + 1] the slot of unit u or -1,
+    `unit_of` [B, H, P + 1] the unit in slot s or -1, `last_used` [B, H, P + 1] the fetch that
+    last used slot s (its scratch column counts the row's fetches).
     """
 
     def __init__(self, n_slots: int, unit_size: int) -> None:
@@ -35,7 +36,7 @@ class UnitCache:
         self.slot_of: torch.Tensor | None = None
         self.unit_of: torch.Tensor | None = None
         self.last_used: torch.Tensor | None = None
-        self.counters: torch.Tensor | None = None  # [clock, hits, lookups] int64
+        self.counters: torch.Tensor | None = None  # [hits, lookups] int64
 
     @property
     def units_covered(self) -> int:
@@ -53,7 +54,7 @@ class UnitCache:
             self.values = torch.zeros_like(self.keys)
             self.unit_of = torch.full((batch, heads, slots + 1), -1, device=device)
             self.last_used = torch.full_like(self.unit_of, -1)
-            self.counters = torch.zeros(3, dtype=torch.long, device=device)
+            self.counters = torch.zeros(2, dtype=torch.long, device=device)
         if n_units > self.units_covered:
             covered = max(n_units, 2 * self.units_covered, 64)
             grown = torch.full((batch, heads, covered + 1), -1, device=device)
@@ -65,40 +66,16 @@ class UnitCache:
         """Slots [B, H, k] holding the units `ids` [B, H, k] (distinct per row) after copying the
         missing ones from the pool (`pool_k`, `pool_v` [B, H, N * unit_size, D], host memory).
         The tables must cover every id (`reserve`)."""
-        ids = ids.long()
-        slots_n, scratch_unit = self.n_slots, self.units_covered
-        clock = self.counters[0:1].add_(1)
-        now = clock.expand(ids.shape)
-        slots = self.slot_of.gather(2, ids)
-        hit = slots >= 0
-        miss = ~hit
-        self.last_used.scatter_(2, torch.where(hit, slots, slots_n), now)
-        # The least recently used slots, oldest first (ties by slot: the key is unique); the
-        # step's hits were just used, so the first `misses` of them are all free to take.
-        age = self.last_used[:, :, :slots_n] * (slots_n + 1)
-        age += torch.arange(slots_n, device=ids.device)
-        oldest = age.topk(ids.shape[2], dim=2, largest=False).indices
-        rank = miss.long().cumsum(2) - 1
-        victim = oldest.gather(2, rank.clamp(min=0))
-        evicted = self.unit_of.gather(2, victim)
-        self.slot_of.scatter_(2, torch.where(miss & (evicted >= 0), evicted, scratch_unit), -1)
-        self.slot_of.scatter_(2, torch.where(miss, ids, scratch_unit), victim)
-        self.unit_of.scatter_(2, torch.where(miss, victim, slots_n), ids)
-        self.last_used.scatter_(2, torch.where(miss, victim, slots_n), now)
-        copy_units(
-            pool_k, pool_v, ids, self.keys, self.values, torch.where(miss, victim, -1),
-            self.unit_size,
-        )  # fmt: skip
-        self.counters[1:2].add_(hit.sum())
-        self.counters[2:3].add_(hit.numel())
-        return torch.where(hit, slots, victim)
+        slots, copy_to = fetch_units(ids, self.slot_of, self.unit_of, self.last_used, self.counters)
+        copy_units(pool_k, pool_v, ids, self.keys, self.values, copy_to, self.unit_size)
+        return slots
 
     def hit_rate(self) -> float | None:
         """Share of the fetched units that were on the device already (None before a fetch;
         reads the counters back)."""
-        if self.counters is None or not int(self.counters[2]):
+        if self.counters is None or not int(self.counters[1]):
             return None
-        return int(self.counters[1]) / int(self.counters[2])
+        return int(self.counters[0]) / int(self.counters[1])
 
     def nbytes(self) -> int:
         tensors = (self.keys, self.values, self.slot_of, self.unit_of, self.last_used)

@@ -2,9 +2,10 @@
 
 `reference` holds the exact pure-torch implementation of every entry point; it runs on any device
 and is what the Triton kernels are tested against. `placed_attention`, `memory_attention`,
-`local_key_mass`, `unit_mass` (hence `score_units`) and `copy_units` have Triton kernels: the
-backend is chosen once per device type (Triton on CUDA, the reference elsewhere), logged, and can
-be forced with `AGENTMEM_KERNELS=reference|triton` or `use_backend`.
+`local_key_mass`, `unit_mass` (hence `score_units`), `fetch_units` and `copy_units` (a tiered
+memory's device cache) have Triton kernels: the backend is chosen once per device type (Triton on
+CUDA, the reference elsewhere), logged, and can be forced with `AGENTMEM_KERNELS=reference|triton`
+or `use_backend`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = [
     "backend",
     "capturable",
     "copy_units",
+    "fetch_units",
     "gather_units",
     "local_key_mass",
     "memory_attention",
@@ -110,6 +112,14 @@ def copy_units(
     run(src_k, src_v, ids, dst_k, dst_v, slots, unit_size)
 
 
+def fetch_units(
+    ids: torch.Tensor, slot_of: torch.Tensor, unit_of: torch.Tensor, last_used: torch.Tensor,
+    counters: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """See `reference.fetch_units`; runs on the backend chosen for the tables' device."""
+    return _implementation("fetch_units", slot_of)(ids, slot_of, unit_of, last_used, counters)
+
+
 def capturable(device: torch.device, head_dim: int) -> bool:
     """Whether a memory step on this device reads nothing back to the host, so that a CUDA graph
     can capture it: the Triton backend with a head size its kernels cover."""
@@ -127,7 +137,10 @@ _TRITON_MODULES = {
     "unit_mass": "triton_memory",
     "local_key_mass": "triton_memory",
     "copy_units": "triton_memory",
+    "fetch_units": "triton_memory",
 }
+# Entries whose kernels take any head size (they move whole rows, or only look up tables).
+_ANY_HEAD_SIZE = ("copy_units", "fetch_units")
 
 
 # fp32 on a GPU: these two go to the reference (cuBLAS), which is as fast there. Measured on an
@@ -147,7 +160,7 @@ def _implementation(entry: str, q: torch.Tensor) -> Callable:
 
     from agentmem_kernels import triton_attention
 
-    reason = triton_attention.supports(q)
+    reason = None if entry in _ANY_HEAD_SIZE else triton_attention.supports(q)
     if reason is None:
         module = importlib.import_module(f"agentmem_kernels.{_TRITON_MODULES[entry]}")
         return getattr(module, entry)

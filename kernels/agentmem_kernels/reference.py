@@ -461,3 +461,42 @@ def copy_units(
         dst[on_dst[0], on_dst[1], on_dst[2]] = src[on_src[0], on_src[1], on_src[2]].to(
             dst.device, dst.dtype
         )
+
+
+def fetch_units(
+    ids: torch.Tensor, slot_of: torch.Tensor, unit_of: torch.Tensor, last_used: torch.Tensor,
+    counters: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One step's lookup in a device cache of P unit slots per (batch row, head), least recently
+    used out first: the tables are updated in place for units `ids` [B, H, k] (distinct per row).
+
+    Tables, each with one scratch column at its end for masked writes: slot_of [B, H, C + 1] the
+    slot of unit u or -1; unit_of [B, H, P + 1] the unit in slot s or -1; last_used [B, H, P + 1]
+    the step that last used slot s or -1, its scratch column the row's step count. counters [2]
+    int64: [hits, lookups], added to. Every op stays on the device (capturable).
+
+    Returns the slots holding the units after this step [B, H, k], and the slots the caller must
+    copy each missing unit into (-1 for a hit).
+    """
+    ids = ids.long()
+    n_slots, scratch_unit = unit_of.shape[2] - 1, slot_of.shape[2] - 1
+    now = (last_used[:, :, n_slots:] + 1).expand(ids.shape)
+    slots = slot_of.gather(2, ids)
+    hit = slots >= 0
+    miss = ~hit
+    last_used.scatter_(2, torch.where(hit, slots, n_slots), now)
+    # The least recently used slots, oldest first (ties by slot: the key is unique); the step's
+    # hits were just used, so the first `misses` of them are all free to take.
+    age = last_used[:, :, :n_slots] * (n_slots + 1)
+    age += torch.arange(n_slots, device=ids.device)
+    oldest = age.topk(ids.shape[2], dim=2, largest=False).indices
+    victim = oldest.gather(2, (miss.long().cumsum(2) - 1).clamp(min=0))
+    evicted = unit_of.gather(2, victim)
+    slot_of.scatter_(2, torch.where(miss & (evicted >= 0), evicted, scratch_unit), -1)
+    slot_of.scatter_(2, torch.where(miss, ids, scratch_unit), victim)
+    unit_of.scatter_(2, torch.where(miss, victim, n_slots), ids)
+    last_used.scatter_(2, torch.where(miss, victim, n_slots), now)
+    last_used[:, :, n_slots:] = now[:, :, :1]
+    counters[0:1].add_(hit.sum())
+    counters[1:2].add_(hit.numel())
+    return torch.where(hit, slots, victim), torch.where(miss, victim, -1)

@@ -668,3 +668,71 @@ def copy_units(
         n_kv_heads, UNIT_NUMEL=unit_numel, BLOCK=min(2048, triton.next_power_of_2(unit_numel)),
         num_warps=4,
     )  # fmt: skip
+
+
+@triton.jit
+def fetch_units_kernel(
+    ids, slot_of, unit_of, last_used, counters, out_slots, out_copy,
+    K, P, stride_s, stride_u,
+    BK: tl.constexpr, BP: tl.constexpr,
+):  # fmt: skip
+    """One program per (batch row, head): the row's lookups, its least recently used slots
+    chosen by K rounds of argmin, then the table writes (after a barrier: every read first)."""
+    row = tl.program_id(0).to(tl.int64)
+    o_k, o_p = tl.arange(0, BK), tl.arange(0, BP)
+    m_k, m_p = o_k < K, o_p < P
+    p_slot_of, p_unit_of = slot_of + row * stride_s, unit_of + row * stride_u
+    p_used = last_used + row * stride_u
+    units = tl.load(ids + row * K + o_k, mask=m_k, other=0).to(tl.int64)
+    slots = tl.load(p_slot_of + units, mask=m_k, other=-1)
+    hit, miss = m_k & (slots >= 0), m_k & (slots < 0)
+    now = tl.load(p_used + P) + 1
+    used = tl.load(p_used + o_p, mask=m_p, other=0)
+    hit_slot = tl.sum(((slots[:, None] == o_p[None, :]) & hit[:, None]).to(tl.int32), 0) > 0
+    used = tl.where(hit_slot, now, used)
+    age = tl.where(m_p, used * (P + 1) + o_p, 9223372036854775807)
+    rank = tl.cumsum(miss.to(tl.int32), 0) - 1
+    victim = tl.zeros([BK], tl.int64)
+    n_miss = tl.sum(miss.to(tl.int32), 0)
+    for r in range(0, n_miss):
+        oldest = tl.argmin(age, 0)
+        victim = tl.where(rank == r, oldest, victim)
+        age = tl.where(o_p == oldest, 9223372036854775807, age)
+    evicted = tl.load(p_unit_of + victim, mask=miss, other=-1)
+    tl.debug_barrier()
+    tl.store(p_slot_of + evicted, tl.full([BK], -1, tl.int64), mask=miss & (evicted >= 0))
+    tl.store(p_slot_of + units, victim, mask=miss)
+    tl.store(p_unit_of + victim, units, mask=miss)
+    tl.store(p_used + victim, tl.zeros([BK], tl.int64) + now, mask=miss)
+    tl.store(p_used + slots, tl.zeros([BK], tl.int64) + now, mask=hit)
+    tl.store(p_used + P, now)
+    tl.store(out_slots + row * K + o_k, tl.where(hit, slots, victim), mask=m_k)
+    tl.store(out_copy + row * K + o_k, tl.where(miss, victim, -1), mask=m_k)
+    tl.atomic_add(counters, tl.sum(hit.to(tl.int64), 0))
+    tl.atomic_add(counters + 1, tl.sum(m_k.to(tl.int64), 0))
+
+
+def fetch_units(
+    ids: torch.Tensor, slot_of: torch.Tensor, unit_of: torch.Tensor, last_used: torch.Tensor,
+    counters: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Same signature, effect and results as `reference.fetch_units`, in one launch."""
+    batch, heads, k = ids.shape
+    n_slots = unit_of.shape[2] - 1
+    for name, table in (("slot_of", slot_of), ("unit_of", unit_of), ("last_used", last_used)):
+        dense_rows = table.stride(2) == 1 and table.stride(0) == heads * table.stride(1)
+        if table.dtype != torch.int64 or not dense_rows:
+            raise ValueError(f"fetch_units needs {name} int64 with rows of one stride")
+    if last_used.stride() != unit_of.stride():
+        raise ValueError("fetch_units needs unit_of and last_used of one layout")
+    ids = ids.contiguous()
+    slots, copy = torch.empty_like(ids, dtype=torch.int64), torch.empty_like(ids, dtype=torch.int64)
+    if k == 0:
+        return slots, copy
+    block_p = triton.next_power_of_2(n_slots)
+    fetch_units_kernel[(batch * heads,)](
+        ids, slot_of, unit_of, last_used, counters, slots, copy,
+        k, n_slots, slot_of.stride(1), unit_of.stride(1),
+        BK=triton.next_power_of_2(k), BP=block_p, num_warps=1 if block_p <= 256 else 4,
+    )  # fmt: skip
+    return slots, copy

@@ -308,3 +308,33 @@ def test_copy_units_refuses_rows_it_would_misread():
         triton_memory.copy_units(pool[0].transpose(2, 3), pool[1], ids, *cache, slots, UNIT)
     with pytest.raises(ValueError, match="dtype"):
         triton_memory.copy_units(pool[0].float(), pool[1], ids, *cache, slots, UNIT)
+
+
+def _tables(n_units=20, n_slots=5, batch=2, heads=3):
+    slot_of = torch.full((batch, heads, n_units + 1), -1, device=DEVICE)
+    unit_of = torch.full((batch, heads, n_slots + 1), -1, device=DEVICE)
+    return [slot_of, unit_of, torch.full_like(unit_of, -1), torch.zeros(2, dtype=torch.long,
+                                                                        device=DEVICE)]  # fmt: skip
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_fetch_units_matches_the_reference_step_after_step(k):
+    """The same lookups from the same tables: the same slots, copies and tables after every
+    step, through fills, hits and evictions (ids drawn from few units, so that they repeat)."""
+    torch.manual_seed(k)
+    want, got = _tables(), _tables()
+    for _ in range(40):
+        ids = torch.stack([torch.randperm(9)[:k] for _ in range(6)]).view(2, 3, k).to(DEVICE)
+        expected = reference.fetch_units(ids, *want)
+        result = triton_memory.fetch_units(ids, *got)
+        for a, b in zip(result, expected, strict=True):
+            assert torch.equal(a, b)
+        # the tables, but for the scratch columns masked writes go to (the step count aside)
+        for a, b in zip(got[:2], want[:2], strict=True):
+            assert torch.equal(a[..., :-1], b[..., :-1])
+        assert torch.equal(got[2], want[2]) and torch.equal(got[3], want[3])
+    slot_of, unit_of = want[0], want[1]
+    assert int(want[3][1]) == 40 * 6 * k and 0 < int(want[3][0]) < 40 * 6 * k
+    for b, h in [(0, 0), (1, 2)]:  # the two maps are inverse: each held unit names its slot
+        for s, u in enumerate(unit_of[b, h, :5].tolist()):
+            assert u < 0 or int(slot_of[b, h, u]) == s
