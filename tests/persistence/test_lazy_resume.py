@@ -99,3 +99,26 @@ def test_damage_outside_the_units_is_found_on_open(lm, store, open_store):
     _flip(path, lambda name: name.endswith(".local_k"))
     with pytest.raises(CorruptPayload, match=str(path)):
         lm.session("s", store=open_store())
+
+
+def test_a_session_resumes_lazily_into_kv_tiers(lm, store, open_store):
+    """Opened with device_units, a stored session keeps its layout, reads its units from their
+    files into the host pool as steps retrieve them, attends through the device cache, and
+    continues token for token; saved again, it resumes without tiers as well."""
+    saved = lm.session("s", store=store)
+    saved.append(TEXT)
+    want = lm.session()
+    want.append(TEXT)
+    tiered = SMALL.model_copy(update={"device_units": SMALL.topk})
+    resumed = lm.session("s", store=open_store(), memory=tiered)
+    layers = _memory_layers(resumed)
+    assert all(layer.units.lazy_units == layer.units.n_units > 0 for layer in layers)
+    assert resumed.generate(max_new_tokens=16) == want.generate(max_new_tokens=16)
+    for layer in layers:
+        assert 0 < layer.units.lazy_units < layer.units.n_units  # read as retrieved
+        assert layer.units.cache.hit_rate() is not None
+    resumed.append("One more turn: " + TEXT[:80])
+    want.append("One more turn: " + TEXT[:80])
+    again = lm.session("s", store=open_store())
+    assert again.memory.device_units is None
+    assert again.generate(max_new_tokens=12) == want.generate(max_new_tokens=12)
