@@ -47,9 +47,8 @@ class GrowingTensor:
         return self.host and (self.pin or x.is_cuda or x.is_pinned())
 
     def _new_storage(self, like: torch.Tensor, capacity: int) -> torch.Tensor:
-        shape = (*like.shape[:2], capacity, *like.shape[3:])
         if not self.host:
-            return like.new_empty(shape)
+            return like.new_empty((*like.shape[:2], capacity, *like.shape[3:]))
         capacity = 1 << max(capacity - 1, 1).bit_length()
         shape = (*like.shape[:2], capacity, *like.shape[3:])
         return torch.empty(shape, dtype=like.dtype, device="cpu", pin_memory=self._pins(like))

@@ -28,3 +28,19 @@ def test_append_reserve_and_pop_front():
     grow.append(data[:, :, :20])  # past capacity: grows, keeps what it held
     assert grow.capacity >= 53 and grow.length == 53
     assert torch.equal(grow.data[:, :, :13], data[:, :, 7:20])
+
+
+def test_host_storage_grows_by_powers_of_two_and_keeps_its_entries():
+    # KV tiers' pools: the pinned allocator rounds every block to a power of two, so the pool
+    # asks for one (and a StaticDecoder's reserve past the filled part costs no second block)
+    grown = GrowingTensor(host=True)
+    pieces = [torch.randn(1, 2, n, 4) for n in (24, 24, 40)]
+    for piece in pieces:
+        grown.append(piece)
+        assert grown.capacity & (grown.capacity - 1) == 0 and grown.capacity >= grown.length
+    assert grown.buffer.device.type == "cpu"
+    assert torch.equal(grown.data, torch.cat(pieces, dim=2))
+    grown.reserve(200)
+    assert grown.capacity == 256 and torch.equal(grown.data, torch.cat(pieces, dim=2))
+    held = GrowingTensor.holding(torch.randn(1, 2, 5, 4), host=True)
+    assert held.capacity == 5  # a host tensor is taken as it is, not copied
