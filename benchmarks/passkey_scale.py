@@ -3,6 +3,9 @@ window beside full attention where it fits. Writes JSON rows, a table and a NIAH
 
     python -m benchmarks.passkey_scale --model path/to/gemma-3-270m.gguf \
         --lengths 131072,262144,524288,1048576 --full-lengths 16384 --out results/
+
+`--device-units P` keeps the memory's unit keys and values in pinned host memory, P units per
+layer and key head cached on the GPU (KV tiers).
 """
 
 from __future__ import annotations
@@ -74,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", help="Gemma-3 decodes digits badly in bf16")
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--preset", default="4k")
+    parser.add_argument(
+        "--device-units",
+        type=int,
+        default=None,
+        help="KV tiers: unit keys and values in host memory, this many per layer and key head "
+        "cached on the GPU (MemoryConfig.device_units; bounds GPU memory at 10M tokens)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--prompts", default=":", help="run a slice of each length's prompts, e.g. 0:5"
@@ -82,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default="gpu")
     args = parser.parse_args(argv)
 
-    memory = agentmem.MemoryConfig.preset(args.preset)
+    memory = agentmem.MemoryConfig.preset(args.preset, device_units=args.device_units)
     lm = load(args.model, memory, dtype=getattr(torch, args.dtype))
     levels = (
         depths(int(args.depths))

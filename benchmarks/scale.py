@@ -465,7 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         parser.error("this benchmark needs a CUDA GPU")
     memory = agentmem.MemoryConfig.preset(args.preset)
-    tiered = args.device_units and memory.model_copy(update={"device_units": args.device_units})
+    tiered = args.device_units and agentmem.MemoryConfig.preset(
+        args.preset, device_units=args.device_units
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / f"scale_{args.tag}.json"
     rows: list[dict] = [{"kind": "gpu", "name": torch.cuda.get_device_name(), **ceilings()}]
