@@ -8,8 +8,10 @@ over the whole pool through the unit ids. Representatives stay on the device: th
 step scores.
 
 Every operation of a fetch runs on the device and reads nothing back, so a captured decode step
-(`agentmem.hf.graphs`) keeps its graph: the copy kernel reads the pinned host pool in place
-(UVA), and only the units that miss cross PCIe.
+(`agentmem.hf.graphs`) keeps its graph: one kernel updates the tables (`fetch_units`), another
+reads the missing units from the pinned host pool in place through UVA (`copy_units`), so only
+the misses cross PCIe. A captured prefill chunk writes the units it packs into the host pool with
+the same copy kernel.
 """
 
 from __future__ import annotations
