@@ -243,11 +243,10 @@ def _roll_window(layer, key_states, value_states, *args, **kwargs):
 
 
 @torch.inference_mode()
-def decode_full(model, shape: str, n_tokens: int) -> dict:
-    """Full attention over n_tokens cached keys plus the new one: a static cache, SDPA (flash),
-    the whole step in a CUDA graph."""
+def full_attention_step(model, shape: str, n_tokens: int, measure: Callable, *args):
+    """`measure(replay, *args)` for full attention's decoding step over n_tokens cached keys plus
+    the new one: a static cache, SDPA (flash), the whole step in a CUDA graph."""
     global _full_keys
-    torch.cuda.reset_peak_memory_stats()
     with agentmem.unwrapped(model):
         AttentionInterface.register(FULL, _full_attention)
         AttentionMaskInterface.register(FULL, lambda *args, **kwargs: None)
@@ -277,11 +276,17 @@ def decode_full(model, shape: str, n_tokens: int) -> dict:
                 layer.values.normal_()
                 if getattr(layer, "is_sliding", False):
                     layer.update = MethodType(_roll_window, layer)
-            ms = median_ms(graphed(step), 30)
-            peak = torch.cuda.max_memory_allocated() / 2**30
-            cache = None  # free its memory before the next measurement
+            return measure(graphed(step), *args)
         finally:
+            cache = None  # free its memory before the next measurement
             model.set_attn_implementation(original)
+
+
+def decode_full(model, shape: str, n_tokens: int) -> dict:
+    """Full attention's decoding step (`full_attention_step`), and SDPA over its keys alone."""
+    torch.cuda.reset_peak_memory_stats()
+    ms = full_attention_step(model, shape, n_tokens, median_ms, 30)
+    peak = torch.cuda.max_memory_allocated() / 2**30
     n_q, n_kv, head_dim = (SHAPES[shape][key] for key in
                            ("num_attention_heads", "num_key_value_heads", "head_dim"))  # fmt: skip
     q = torch.randn(1, n_q, 1, head_dim, device="cuda", dtype=dtype_of(shape))

@@ -16,7 +16,14 @@ from agentmem.memory.pending import PendingKV, shift_in
 from agentmem.memory.policy import Rope, Window, attend
 from agentmem.memory.representatives import representatives, score_kind
 from agentmem.memory.store import GrowingTensor, LazyRows, UnitStore
-from agentmem_kernels import copy_units, gather_units, memory_attention, rope, score_units
+from agentmem_kernels import (
+    append_token,
+    copy_units,
+    gather_units,
+    memory_attention,
+    rope,
+    score_units,
+)
 
 
 class MemoryLayer:
@@ -50,7 +57,11 @@ class MemoryLayer:
         self.recent_q: torch.Tensor | None = None
         self.pending = PendingKV()
         self.index = UnitIndex()  # index="faiss": graphs over the representatives, built on use
-        self.counts: torch.Tensor | None = None  # static mode: [local length, units] int32
+        # Static mode: [local length, units, ring slot] int32 on the device. A captured decoding
+        # step writes its scoring query into recent_q as a ring, at slot `ring` (the oldest).
+        self.counts: torch.Tensor | None = None
+        self.ring = 0
+        self.static_query: torch.Tensor | None = None  # the ring of one, query_window=1
         self.static_tokens = 1  # tokens per static step
         self.static_armed = False  # set by agentmem.hf.graphs around the static steps it runs
 
@@ -83,7 +94,7 @@ class MemoryLayer:
             "local_v": self.local_v,
             "local_mass": self.local_mass,
             "last_ids": self.last_ids,
-            "recent_q": self.recent_q,
+            "recent_q": self._recent_queries(),
         }
         meta = {
             "kind": "memory",
@@ -339,10 +350,9 @@ class MemoryLayer:
         step's own, preceded (a step of fewer than `query_window` tokens) by the latest ones
         before it, so that a decoded token chooses with the question it answers. The latest
         `query_window` are kept for the next step (in place: a captured step's buffer)."""
-        # Scored as if each unit sat just beyond the local window, where it will be attended.
-        distance = min(self.config.n_local, self.rotary.max_positions - 1)
-        cos, sin = self.rotary.table(distance + 1, q.dtype, q.device)
-        q = rope(q, cos[distance], sin[distance])
+        distance = self._scoring_distance
+        cos, sin = self._table(distance + 1, q.device)
+        q = rope(q.float(), cos[distance], sin[distance]).to(q.dtype)
         size = self.config.query_window
         if size == 1:
             return q
@@ -357,6 +367,18 @@ class MemoryLayer:
         else:  # a new tensor: a state handed out before keeps what it held
             self.recent_q = latest.clone()
         return q if q.shape[2] >= size else latest
+
+    @property
+    def _scoring_distance(self) -> int:
+        """Where units are scored from: as if each sat just beyond the local window, where it
+        will be attended."""
+        return min(self.config.n_local, self.rotary.max_positions - 1)
+
+    def _recent_queries(self) -> torch.Tensor | None:
+        """The latest scoring queries, oldest first (between captured decoding steps, a ring)."""
+        if self.recent_q is None or not self.ring:
+            return self.recent_q
+        return self.recent_q.roll(-self.ring, dims=2)
 
     def _retrieve(
         self, q: torch.Tensor, scale: float, n_units: torch.Tensor | None = None
@@ -413,17 +435,20 @@ class MemoryLayer:
         cfg = self.config
         if (problem := self.static_problem(tokens)) is not None:
             raise ValueError(problem)
+        self.stop_static()  # the queries oldest first again, if a capture is being renewed
         self.units.materialize()  # a captured step retrieves on the device: every unit read
         for part in (*self.local, self.local_rotated):
             part.reserve(cfg.n_local)
         self.units.reserve(unit_capacity, self.local_k.device)
         if self.recent_q is not None:  # captured steps write it in place: this layer's own
             self.recent_q = self.recent_q.clone()
-        self.counts = torch.zeros(2, dtype=torch.int32, device=self.local_k.device)
+        self.counts = torch.zeros(3, dtype=torch.int32, device=self.local_k.device)
         self.static_tokens = tokens
         self._sync_counts()
 
     def stop_static(self) -> None:
+        self.recent_q = self._recent_queries()
+        self.ring = 0
         self.counts = None
 
     @property
@@ -450,9 +475,10 @@ class MemoryLayer:
     def after_static_step(self) -> None:
         """The host's record of what a replayed step did."""
         tokens = self.static_tokens
-        if tokens == 1:  # one token more in the local window
+        if tokens == 1:  # one token more in the local window, one query more in the ring
             for part in (*self.local, self.local_rotated):
                 part.length += 1
+            self.ring = (self.ring + 1) % self.config.query_window
         else:  # T tokens packed into units, T new ones in the window
             for part in (self.units.keys, self.units.values):
                 part.length += tokens
@@ -462,6 +488,7 @@ class MemoryLayer:
     def _sync_counts(self) -> None:
         self.counts[0].fill_(self.n_local)
         self.counts[1].fill_(self.units.n_units)
+        self.counts[2].fill_(self.ring)
 
     def _static_step(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
@@ -474,17 +501,20 @@ class MemoryLayer:
             )
         if tokens > 1:
             return self._static_chunk(q, k, v, scale)
-        n_local = self.counts[0:1]
-        slot = n_local.long()
-        cos, sin = self._table(self.local[0].capacity, k.device)
-        rotated = rope(k.float(), cos.index_select(0, slot), sin.index_select(0, slot)).to(k.dtype)
-        zeros = torch.zeros(k.shape[:3], device=k.device)
-        parts = (*self.local, self.local_rotated)
-        for part, new in zip(parts, (k, v, zeros, rotated), strict=True):
-            part.buffer.index_copy_(2, slot, new)
-        n_local.add_(1)
-        self.last_ids = self._retrieve(self._scoring_queries(q), scale, n_units=self.counts[1:2])
-        return self._attend_in_place(q, scale, self.last_ids, n_local)
+        size, distance = self.config.query_window, self._scoring_distance
+        if size > 1 and self.recent_q is None:  # zeros: no query before this one
+            self.recent_q = q.new_zeros(*q.shape[:2], size, q.shape[3])
+        if size == 1 and self.static_query is None:
+            self.static_query = torch.empty_like(q)
+        queries = self.recent_q if size > 1 else self.static_query
+        cos, sin = self._table(max(self.local[0].capacity, distance + 1), k.device)
+        append_token(
+            k, v, q, local_k=self.local[0].buffer, local_v=self.local[1].buffer,
+            local_mass=self.local[2].buffer, local_rotated=self.local_rotated.buffer,
+            queries=queries, counts=self.counts, cos=cos, sin=sin, query_position=distance,
+        )  # fmt: skip
+        self.last_ids = self._retrieve(queries, scale, n_units=self.counts[1:2])
+        return self._attend_in_place(q, scale, self.last_ids, self.counts[0:1])
 
     def _static_chunk(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float

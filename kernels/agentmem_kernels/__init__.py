@@ -2,10 +2,10 @@
 
 `reference` holds the exact pure-torch implementation of every entry point; it runs on any device
 and is what the Triton kernels are tested against. `placed_attention`, `memory_attention`,
-`local_key_mass`, `unit_mass` (hence `score_units`), `fetch_units` and `copy_units` (a tiered
-memory's device cache) have Triton kernels: the backend is chosen once per device type (Triton on
-CUDA, the reference elsewhere), logged, and can be forced with `AGENTMEM_KERNELS=reference|triton`
-or `use_backend`.
+`local_key_mass`, `unit_mass` (hence `score_units`), `append_token` (a captured decoding step's
+bookkeeping), `fetch_units` and `copy_units` (a tiered memory's device cache) have Triton kernels:
+the backend is chosen once per device type (Triton on CUDA, the reference elsewhere), logged, and
+can be forced with `AGENTMEM_KERNELS=reference|triton` or `use_backend`.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from agentmem_kernels.reference import (
 
 __all__ = [
     "KeySegment",
+    "append_token",
     "attention",
     "backend",
     "capturable",
@@ -120,6 +121,11 @@ def fetch_units(
     return _implementation("fetch_units", slot_of)(ids, slot_of, unit_of, last_used, counters)
 
 
+def append_token(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, **kwargs) -> None:
+    """See `reference.append_token`; runs on the backend chosen for k's device."""
+    _implementation("append_token", k)(k, v, q, **kwargs)
+
+
 def capturable(device: torch.device, head_dim: int) -> bool:
     """Whether a memory step on this device reads nothing back to the host, so that a CUDA graph
     can capture it: the Triton backend with a head size its kernels cover."""
@@ -138,6 +144,7 @@ _TRITON_MODULES = {
     "local_key_mass": "triton_memory",
     "copy_units": "triton_memory",
     "fetch_units": "triton_memory",
+    "append_token": "triton_memory",
 }
 # Entries whose kernels take any head size (they move whole rows, or only look up tables).
 _ANY_HEAD_SIZE = ("copy_units", "fetch_units")

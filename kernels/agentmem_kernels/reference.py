@@ -500,3 +500,33 @@ def fetch_units(
     counters[0:1].add_(hit.sum())
     counters[1:2].add_(hit.numel())
     return torch.where(hit, slots, victim), torch.where(miss, victim, -1)
+
+
+def append_token(
+    k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, *,
+    local_k: torch.Tensor, local_v: torch.Tensor, local_mass: torch.Tensor,
+    local_rotated: torch.Tensor, queries: torch.Tensor, counts: torch.Tensor,
+    cos: torch.Tensor, sin: torch.Tensor, query_position: int,
+) -> None:  # fmt: skip
+    """A decoding step's bookkeeping in a fixed-shape local window, counts on the device.
+
+    k, v: [B, Hkv, 1, D] the new pre-RoPE key and value; q: [B, Hq, 1, D] its pre-RoPE query.
+    local_k, local_v, local_rotated: [B, Hkv, C, D] buffers; local_mass [B, Hkv, C] fp32;
+    queries: [B, Hq, W, D] a ring of the latest scoring queries. counts: int32 [3], the local
+    length L, the unit count (untouched) and the ring's next slot P. cos, sin: fp32 [N, D] tables.
+
+    Writes slot L of the window: k, v, zero mass and k rotated to position L; writes slot P of
+    the ring: q rotated to `query_position` (the scoring distance); then L += 1 and P = (P + 1)
+    mod W. Rotations are computed in fp32 and stored in the buffers' dtype. Nothing is read back.
+    """
+    slot = counts[0:1].long()
+    ring = counts[2:3].long()
+    rotated = rope(k.float(), cos.index_select(0, slot), sin.index_select(0, slot))
+    local_k.index_copy_(2, slot, k.to(local_k.dtype))
+    local_v.index_copy_(2, slot, v.to(local_v.dtype))
+    local_mass.index_fill_(2, slot, 0.0)
+    local_rotated.index_copy_(2, slot, rotated.to(local_rotated.dtype))
+    scoring = rope(q.float(), cos[query_position], sin[query_position])
+    queries.index_copy_(2, ring, scoring.to(queries.dtype))
+    counts[0:1].add_(1)
+    counts[2:3].copy_((counts[2:3] + 1) % queries.shape[2])

@@ -736,3 +736,94 @@ def fetch_units(
         BK=triton.next_power_of_2(k), BP=block_p, num_warps=1 if block_p <= 256 else 4,
     )  # fmt: skip
     return slots, copy
+
+
+@triton.jit
+def _rotate_rows(
+    x, p_x, dst, p_dst, m_rows, cos, sin, position, HALF: tl.constexpr,
+    ALSO_PLAIN: tl.constexpr, plain, p_plain,
+):  # fmt: skip
+    """Rows of x (pointers p_x [R] + 0..D-1) rotated to `position` in fp32 into dst, and (if
+    ALSO_PLAIN) copied as they are into plain: half-split RoPE, as transformers' rotate_half."""
+    o_h = tl.arange(0, HALF)
+    lo = tl.load(x + p_x[:, None] + o_h[None, :], mask=m_rows[:, None], other=0.0)
+    hi = tl.load(x + p_x[:, None] + HALF + o_h[None, :], mask=m_rows[:, None], other=0.0)
+    c_lo, c_hi = tl.load(cos + position + o_h), tl.load(cos + position + HALF + o_h)
+    s_lo, s_hi = tl.load(sin + position + o_h), tl.load(sin + position + HALF + o_h)
+    f_lo, f_hi = lo.to(tl.float32), hi.to(tl.float32)
+    out_lo = f_lo * c_lo[None, :] - f_hi * s_lo[None, :]
+    out_hi = f_hi * c_hi[None, :] + f_lo * s_hi[None, :]
+    tl.store(dst + p_dst[:, None] + o_h[None, :], out_lo, mask=m_rows[:, None])
+    tl.store(dst + p_dst[:, None] + HALF + o_h[None, :], out_hi, mask=m_rows[:, None])
+    if ALSO_PLAIN:
+        tl.store(plain + p_plain[:, None] + o_h[None, :], lo, mask=m_rows[:, None])
+        tl.store(plain + p_plain[:, None] + HALF + o_h[None, :], hi, mask=m_rows[:, None])
+
+
+@triton.jit
+def append_token_kernel(
+    k, v, q, local_k, local_v, local_mass, local_rot, queries, counts, cos, sin,
+    stride_kb, stride_kh, stride_vb, stride_vh, stride_qb, stride_qh,
+    stride_lb, stride_lh, stride_lt, stride_mb, stride_mh, stride_rb, stride_rh, stride_rt,
+    stride_c, HKV, HQ, N_KV, N_Q, QUERY_POSITION, RING,
+    HALF: tl.constexpr, BKV: tl.constexpr, BQ: tl.constexpr,
+):  # fmt: skip
+    """One program: every row's writes, then the counts (read first, written last)."""
+    slot = tl.load(counts).to(tl.int64)
+    ring = tl.load(counts + 2).to(tl.int64)
+    r_kv = tl.arange(0, BKV)
+    m_kv = r_kv < N_KV
+    b_kv, h_kv = (r_kv // HKV).to(tl.int64), (r_kv % HKV).to(tl.int64)
+    p_local = b_kv * stride_lb + h_kv * stride_lh + slot * stride_lt
+    _rotate_rows(k, b_kv * stride_kb + h_kv * stride_kh, local_rot, p_local, m_kv, cos, sin,
+                 slot * stride_c, HALF, True, local_k, p_local)  # fmt: skip
+    o_d = tl.arange(0, 2 * HALF)
+    p_v = v + (b_kv * stride_vb + h_kv * stride_vh)[:, None] + o_d[None, :]
+    tl.store(local_v + p_local[:, None] + o_d[None, :], tl.load(p_v, mask=m_kv[:, None]),
+             mask=m_kv[:, None])  # fmt: skip
+    tl.store(local_mass + b_kv * stride_mb + h_kv * stride_mh + slot,
+             tl.zeros([BKV], tl.float32), mask=m_kv)  # fmt: skip
+    r_q = tl.arange(0, BQ)
+    m_q = r_q < N_Q
+    b_q, h_q = (r_q // HQ).to(tl.int64), (r_q % HQ).to(tl.int64)
+    _rotate_rows(q, b_q * stride_qb + h_q * stride_qh, queries,
+                 b_q * stride_rb + h_q * stride_rh + ring * stride_rt, m_q, cos, sin,
+                 QUERY_POSITION * stride_c, HALF, False, queries, r_q)  # fmt: skip
+    tl.debug_barrier()
+    tl.store(counts, (slot + 1).to(tl.int32))
+    tl.store(counts + 2, ((ring + 1) % RING).to(tl.int32))
+
+
+def append_token(
+    k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, *,
+    local_k: torch.Tensor, local_v: torch.Tensor, local_mass: torch.Tensor,
+    local_rotated: torch.Tensor, queries: torch.Tensor, counts: torch.Tensor,
+    cos: torch.Tensor, sin: torch.Tensor, query_position: int,
+) -> None:  # fmt: skip
+    """Same signature and effect as `reference.append_token`, in one launch (a decoding step's
+    two dozen small writes and rotations were as many launches)."""
+    batch, n_kv_heads, _, head_dim = k.shape
+    n_q_heads = q.shape[1]
+    if k.shape[2] != 1 or q.shape[2] != 1 or head_dim % 2:
+        raise ValueError(f"append_token takes one token: k {tuple(k.shape)}, q {tuple(q.shape)}")
+    for name, x in (("k", k), ("v", v), ("q", q), ("local_k", local_k), ("local_v", local_v),
+                    ("local_rotated", local_rotated), ("queries", queries)):  # fmt: skip
+        if x.stride(-1) != 1:
+            raise ValueError(f"append_token needs {name}'s last dimension dense")
+    if local_k.stride() != local_v.stride() or local_k.stride() != local_rotated.stride():
+        raise ValueError("append_token needs the local buffers of one layout")
+    if local_mass.stride(-1) != 1 or local_mass.dtype != torch.float32:
+        raise ValueError("append_token needs local_mass fp32 with its last dimension dense")
+    if cos.dtype != torch.float32 or not cos.is_contiguous() or cos.stride() != sin.stride():
+        raise ValueError("append_token needs dense fp32 cos/sin tables")
+    append_token_kernel[(1,)](
+        k, v, q, local_k, local_v, local_mass, local_rotated, queries, counts, cos, sin,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), q.stride(0), q.stride(1),
+        local_k.stride(0), local_k.stride(1), local_k.stride(2),
+        local_mass.stride(0), local_mass.stride(1),
+        queries.stride(0), queries.stride(1), queries.stride(2),
+        cos.stride(0), n_kv_heads, n_q_heads, batch * n_kv_heads, batch * n_q_heads,
+        query_position, queries.shape[2],
+        HALF=head_dim // 2, BKV=triton.next_power_of_2(batch * n_kv_heads),
+        BQ=triton.next_power_of_2(batch * n_q_heads), num_warps=4,
+    )  # fmt: skip

@@ -60,9 +60,13 @@ def test_static_steps_equal_ordinary_steps(position, repr, query_window):
         assert a.units.n_units == b.units.n_units
         torch.testing.assert_close(b.local_mass, a.local_mass, atol=1e-4, rtol=1e-4)
         assert torch.equal(b.last_ids, a.last_ids)
-        if query_window > 1:  # the latest queries, shifted in place by the captured steps
-            torch.testing.assert_close(b.recent_q, a.recent_q, atol=1e-4, rtol=1e-4)
+        if query_window > 1:  # the latest queries, a ring in place for the captured steps,
+            saved = b.state_dict()["tensors"]["recent_q"]  # handed out oldest first
+            torch.testing.assert_close(saved, a.recent_q, atol=1e-4, rtol=1e-4)
     decoder.close()
+    for a, b in zip(ordinary.memory_layers, static.memory_layers, strict=True):
+        if query_window > 1:  # and oldest first again once static steps end
+            torch.testing.assert_close(b.recent_q, a.recent_q, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(  # ordinary steps again, from where static decoding left off
         decode_one_token(model, static, follow[:, 0]),
         decode_one_token(model, ordinary, follow[:, 0]), atol=1e-4, rtol=1e-4,

@@ -338,3 +338,63 @@ def test_fetch_units_matches_the_reference_step_after_step(k):
     for b, h in [(0, 0), (1, 2)]:  # the two maps are inverse: each held unit names its slot
         for s, u in enumerate(unit_of[b, h, :5].tolist()):
             assert u < 0 or int(slot_of[b, h, u]) == s
+
+
+def _append_case(dtype, *, batch=2, heads=(4, 2), head_dim=32, capacity=12, ring=5, seed=0):
+    torch.manual_seed(seed)
+    n_q, n_kv = heads
+
+    def randn(*shape, kind=dtype):
+        return torch.randn(*shape, dtype=kind, device=DEVICE)
+
+    cos, sin = _table(64, head_dim)
+    return dict(
+        local_k=randn(batch, n_kv, capacity, head_dim),
+        local_v=randn(batch, n_kv, capacity, head_dim),
+        local_mass=randn(batch, n_kv, capacity, kind=torch.float32),
+        local_rotated=randn(batch, n_kv, capacity, head_dim),
+        queries=randn(batch, n_q, ring, head_dim),
+        counts=torch.tensor([3, 7, ring - 2], dtype=torch.int32, device=DEVICE),
+        cos=cos, sin=sin, query_position=40,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_append_token_matches_the_reference_step_after_step(dtype):
+    """Three steps into the same buffers (the ring wraps round), from inputs laid out as a
+    model's projections give them (heads a transposed view); every buffer and count equal."""
+    want, got = _append_case(dtype), _append_case(dtype)
+    for step in range(3):
+        torch.manual_seed(100 + step)
+        k, v = (torch.randn(2, 1, 2, 32, dtype=dtype, device=DEVICE).transpose(1, 2)
+                for _ in range(2))  # fmt: skip
+        q = torch.randn(2, 1, 4, 32, dtype=dtype, device=DEVICE).transpose(1, 2)
+        reference.append_token(k, v, q, **want)
+        triton_memory.append_token(k, v, q, **got)
+        for name in ("local_k", "local_v", "local_mass", "counts"):
+            assert torch.equal(got[name], want[name]), name
+        for name in ("local_rotated", "queries"):  # fp32 products, one rounding to the dtype
+            tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+            torch.testing.assert_close(got[name], want[name], atol=tolerance, rtol=tolerance)
+    assert want["counts"].tolist() == [6, 7, 1]  # three tokens more, the ring of 5 went round
+    # The reference against first principles: slot 3's key rotated to position 3, unchanged rows.
+    fresh = _append_case(dtype)
+    reference.append_token(k, v, q, **fresh)
+    cos, sin = fresh["cos"], fresh["sin"]
+    expected = reference.rope(k.float(), cos[3], sin[3]).to(dtype)
+    assert torch.equal(fresh["local_rotated"][:, :, 3:4], expected)
+    assert torch.equal(fresh["local_k"][:, :, 3:4], k) and torch.equal(
+        fresh["local_v"][:, :, 3:4], v
+    )
+    assert (fresh["local_mass"][:, :, 3] == 0).all()
+    untouched = _append_case(dtype)
+    assert torch.equal(fresh["local_k"][:, :, :3], untouched["local_k"][:, :, :3])
+    expected_q = reference.rope(q.float(), cos[40], sin[40]).to(dtype)
+    assert torch.equal(fresh["queries"][:, :, 3:4], expected_q)  # the ring's slot 3 of 5
+
+
+def test_append_token_refuses_several_tokens():
+    case = _append_case(torch.float32)
+    k = torch.randn(2, 2, 2, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="one token"):
+        triton_memory.append_token(k, k, torch.randn(2, 4, 1, 32, device=DEVICE), **case)
