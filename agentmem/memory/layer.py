@@ -307,6 +307,7 @@ class MemoryLayer:
             local_v=self.local[1].buffer, n_local=n_local, cos=cos, sin=sin, scale=scale,
             memory_q_pos=cfg.n_local + span - 1, stacked=cfg.position == "stacked",
             local_rotated=True, with_local_mass=cfg.retrieves and cfg.repr == "attention",
+            out_dtype=q.dtype,
         )  # fmt: skip
         if mass is not None:
             local_mass = self.local[2].buffer

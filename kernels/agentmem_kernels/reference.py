@@ -167,7 +167,8 @@ def score_units(
 
 def top_units(mass: torch.Tensor, k: int) -> torch.Tensor:
     """Ids of the k units of largest mass [B, Hkv, N], ascending."""
-    return torch.sort(torch.topk(mass, k, dim=-1).indices, dim=-1).values
+    # sorted=False: the k chosen in any order, then one sort, by id
+    return torch.sort(torch.topk(mass, k, dim=-1, sorted=False).indices, dim=-1).values
 
 
 def unit_mass(
@@ -341,6 +342,7 @@ def memory_attention(
     stacked: bool = False,
     local_rotated: bool = False,
     with_local_mass: bool = False,
+    out_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A step's attention over `[sinks | units of the pool chosen by ids | local]`, one softmax.
 
@@ -360,9 +362,10 @@ def memory_attention(
         cos, sin: [N, D] tables of the model's rotary module.
         local_rotated: the local keys are stored already rotated to their positions j.
         with_local_mass: also return the attention each local key received (`local_key_mass`).
+        out_dtype: the output's dtype (a model's own: no conversion after the kernel).
     Returns:
-        out [B, Hq, T, D] fp32, lse [B, Hq, T] fp32, and the local keys' mass [B, Hkv, C] fp32 (0
-        past `n_local`) or None.
+        out [B, Hq, T, D] (computed in fp32), lse [B, Hq, T] fp32, and the local keys' mass
+        [B, Hkv, C] fp32 (0 past `n_local`) or None.
     """
     n = int(n_local)
     n_queries = q.shape[2]
@@ -400,7 +403,7 @@ def memory_attention(
     )  # fmt: skip
     if mass is not None:  # the same softmax's probabilities: no second pass
         mass = torch.nn.functional.pad(mass, (0, local_k.shape[2] - n))
-    return out, lse, mass
+    return out.to(out_dtype), lse, mass
 
 
 def local_key_mass(

@@ -23,9 +23,12 @@ NO_LIMIT = 2**30  # "no max_dist"
 FP32_DOT = tl.constexpr("tf32x3")
 
 
-def _alloc(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Uninitialised fp32 scratch (tests poison it with NaN to catch unwritten elements)."""
-    return torch.empty(shape, dtype=torch.float32, device=device)
+def _alloc(
+    shape: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Uninitialised scratch, fp32 unless said (tests poison it with NaN to catch unwritten
+    elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @triton.jit

@@ -265,6 +265,7 @@ def memory_attention(
     stacked: bool = False,
     local_rotated: bool = False,
     with_local_mass: bool = False,
+    out_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Same signature and results as `reference.memory_attention`; the local keys' mass is a
     second pass from the lse (`local_key_mass`, on the backend the dispatcher picks for it)."""
@@ -300,7 +301,7 @@ def memory_attention(
         row_tiles = triton.cdiv(rows, config["BM"])
         # Decode has few rows: split the window so that every multiprocessor gets work.
         splits = 1 if row_tiles > 1 else max(1, min(32, n_keys // (4 * config["BN"])))
-        out = triton_attention._alloc((n_rows, head_dim), q.device)
+        out = triton_attention._alloc((n_rows, head_dim), q.device, out_dtype)
         lse = triton_attention._alloc((n_rows,), q.device)
         if splits == 1:  # the kernel writes the result itself
             acc, m, l = out, lse, lse  # noqa: E741
@@ -361,6 +362,9 @@ def _last_dim_dense(x: torch.Tensor) -> torch.Tensor:
 # queries x 4 to 8 heads a group), a prefill chunk with over a thousand: those compute again,
 # as keeping their logits would take gigabytes at a million tokens.
 KEEP_LOGITS_MAX_ROWS = 256
+# Blocks of units up to which each program of the second pass combines its rows' statistics
+# itself (reading rows x blocks of them) rather than after a launch of its own that does it once.
+COMBINE_MAX_BLOCKS = 8
 
 
 @triton.jit
@@ -377,7 +381,8 @@ def unit_mass_kernel(
 ):  # fmt: skip
     """PASS 1: per-row max and sum of exp of this block's unit logits (and, KEEP, the logits).
     PASS 2: each unit's mass, sum over rows of exp(logit - lse of the row): the logits read back
-    (KEEP) or computed again; each row's lse combined here from the statistics (COMBINE) or read."""
+    (KEEP) or computed again; each row's lse combined here from the statistics (COMBINE) or read.
+    PASS 0: one block holds every unit: each row's softmax and the mass at once."""
     i_bh, i_n = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HKV, i_bh % HKV
     o_n = i_n * BN + tl.arange(0, BN)
@@ -430,7 +435,12 @@ def unit_mass_kernel(
                 b_s = tl.maximum(b_s, b_x)
             b_s = tl.where(m_rn, b_s * scale, float("-inf"))
         p_stats = (i_bh * n_blocks + i_n) * ROWS + o_r
-        if PASS == 1:
+        if PASS == 0:
+            b_max = tl.max(b_s, 1)
+            b_p = tl.exp(b_s - tl.where(b_max == float("-inf"), 0.0, b_max)[:, None])
+            b_sum = tl.sum(b_p, 1)
+            b_mass += tl.sum(b_p / tl.where(b_sum > 0, b_sum, 1.0)[:, None], 0)
+        elif PASS == 1:
             b_max = tl.max(b_s, 1)
             b_safe = tl.where(b_max == float("-inf"), 0.0, b_max)
             tl.store(stats_m + p_stats, b_max, mask=m_r)
@@ -453,8 +463,27 @@ def unit_mass_kernel(
             else:
                 b_lse = tl.load(lse + i_bh * ROWS + o_r, mask=m_r, other=float("inf"))
             b_mass += tl.sum(tl.exp(b_s - b_lse[:, None]), 0)
-    if PASS == 2:
+    if PASS != 1:
         tl.store(mass + i_bh * NCAP + o_n, tl.where(m_n, b_mass, -1.0), mask=o_n < NCAP)
+
+
+@triton.jit
+def unit_lse_kernel(stats_m, stats_l, lse, ROWS, N_BLOCKS, BR: tl.constexpr):
+    """Each row's log-sum-exp over the units, from the blocks' maxima and sums (pass 1)."""
+    i_bh, i_r = tl.program_id(0), tl.program_id(1)
+    o_r = i_r * BR + tl.arange(0, BR)
+    m_r = o_r < ROWS
+    b_top = tl.full([BR], float("-inf"), tl.float32)
+    for i_blk in range(0, N_BLOCKS):
+        p_blk = (i_bh * N_BLOCKS + i_blk) * ROWS + o_r
+        b_top = tl.maximum(b_top, tl.load(stats_m + p_blk, mask=m_r, other=float("-inf")))
+    b_safe = tl.where(b_top == float("-inf"), 0.0, b_top)
+    b_sum = tl.zeros([BR], tl.float32)
+    for i_blk in range(0, N_BLOCKS):
+        p_blk = (i_bh * N_BLOCKS + i_blk) * ROWS + o_r
+        b_blk_m = tl.load(stats_m + p_blk, mask=m_r, other=float("-inf"))
+        b_sum += tl.load(stats_l + p_blk, mask=m_r, other=0.0) * tl.exp(b_blk_m - b_safe)
+    tl.store(lse + i_bh * ROWS + o_r, b_safe + tl.log(tl.where(m_r, b_sum, 1.0)), mask=m_r)
 
 
 def unit_mass(
@@ -466,9 +495,9 @@ def unit_mass(
     n_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same signature and results as `reference.unit_mass`: two passes over the representatives
-    (softmax statistics, then mass); with at most `KEEP_LOGITS_MAX_ROWS` query rows (a decoding
-    step's query window) the first pass keeps the logits, so the second neither reads the
-    representatives again nor repeats their products."""
+    (softmax statistics, then mass), or one where a block holds every unit; with at most
+    `KEEP_LOGITS_MAX_ROWS` query rows (a decoding step's query window) the first pass keeps the
+    logits, so the second neither reads the representatives again nor repeats their products."""
     if kind not in ("dot", "minmax"):
         raise ValueError(f"unknown unit score kind '{kind}'; expected 'dot' or 'minmax'")
     batch, n_q_heads, n_queries, head_dim = q.shape
@@ -502,6 +531,8 @@ def unit_mass(
         )
         mass = triton_attention._alloc((batch * n_kv_heads, capacity), q.device)
 
+        combining = combine or n_blocks <= COMBINE_MAX_BLOCKS
+
         def launch(pass_, lse):
             unit_mass_kernel[(batch * n_kv_heads, n_blocks)](
                 q, reps, n_valid, stats_m, stats_l, lse, logits, mass,
@@ -510,20 +541,24 @@ def unit_mass(
                 reps.stride(0), reps.stride(1), reps.stride(2),
                 n_queries, n_kv_heads, rows, capacity,
                 G=group, D=head_dim, R=r, BM=config["BM"], BN=block_n,
-                PASS=pass_, MINMAX=kind == "minmax", KEEP=keep, COMBINE=combine,
+                PASS=pass_, MINMAX=kind == "minmax", KEEP=keep, COMBINE=combining,
                 EXACT=q.dtype == torch.float32,
                 N_ON_DEVICE=on_device,
                 num_warps=config["num_warps"], num_stages=config["num_stages"],
             )  # fmt: skip
 
+        if n_blocks == 1:  # every unit in one block: one pass
+            launch(0, stats_m)
+            return mass.view(batch, n_kv_heads, capacity)
         launch(1, stats_m)  # lse is not read in pass 1; a refused launch is refused here
-        if combine:
+        if combining:
             launch(2, stats_m)  # lse combined inside
             return mass.view(batch, n_kv_heads, capacity)
-        top = stats_m.amax(dim=1, keepdim=True)
-        top_safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        lse = top_safe[:, 0] + torch.log((stats_l * torch.exp(stats_m - top_safe)).sum(dim=1))
-        launch(2, lse.contiguous())
+        lse = triton_attention._alloc((batch * n_kv_heads, rows), q.device)
+        unit_lse_kernel[(batch * n_kv_heads, triton.cdiv(rows, 64))](
+            stats_m, stats_l, lse, rows, n_blocks, BR=64, num_warps=2
+        )
+        launch(2, lse)
         return mass.view(batch, n_kv_heads, capacity)
 
     # Many representatives a unit (repr_topk 16 at head size 64) once asked an H200 for 418 KB

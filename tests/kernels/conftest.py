@@ -12,7 +12,7 @@ def poisoned_scratch(monkeypatch):
     shows up in the result."""
     triton_attention = pytest.importorskip("agentmem_kernels.triton_attention")
 
-    def alloc(shape, device):
-        return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+    def alloc(shape, device, dtype=torch.float32):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(triton_attention, "_alloc", alloc)

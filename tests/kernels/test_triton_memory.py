@@ -62,6 +62,19 @@ def _compare_memory(case, *, stacked=False, as_tensor=False):
     torch.testing.assert_close(got_lse, want_lse, atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("n_queries", [1, 36])  # split over the keys and merged; 2 row tiles
+def test_output_in_the_models_dtype(n_queries):
+    """out_dtype: the result written in it by the kernel (no conversion after), equal to the
+    fp32 result rounded once."""
+    case = _memory_case(n_queries, heads=(8, 2), dtype=torch.float16)
+    want, _, _ = reference.memory_attention(**case)
+    got, _, _ = triton_memory.memory_attention(**case, out_dtype=torch.float16)
+    assert got.dtype == torch.float16
+    as_fp16, _, _ = reference.memory_attention(**case, out_dtype=torch.float16)
+    assert torch.equal(as_fp16, want.to(torch.float16))
+    torch.testing.assert_close(got.float(), want, atol=2e-3, rtol=2e-3)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("stacked", [False, True])
 def test_decode_step(dtype, stacked):
@@ -222,6 +235,24 @@ def test_unit_mass(kind, n_queries, dtype):
     assert torch.all(got[..., 70:] == -1)
     if dtype == torch.float32:
         assert torch.equal(reference.top_units(got, 5), reference.top_units(want, 5))
+
+
+# Blocks of 64 units: 40 in one (a single pass), 75 in two (each program combines the rows'
+# statistics), 600 of 700 valid in eleven (a launch of its own combines them).
+@pytest.mark.parametrize(("capacity", "valid"), [(40, 33), (75, 70), (700, 600)])
+@pytest.mark.parametrize("n_queries", [1, 30, 150])
+def test_unit_mass_by_number_of_blocks(capacity, valid, n_queries):
+    torch.manual_seed(5)
+    q = torch.randn(1, 4, n_queries, 32, device=DEVICE)
+    reps = torch.randn(1, 2, capacity, 2, 32, device=DEVICE)
+    n_valid = torch.tensor([valid], dtype=torch.int32, device=DEVICE)
+    assert triton_memory.COMBINE_MAX_BLOCKS < 700 // 64
+    got = triton_memory.unit_mass(q, reps, kind="dot", scale=0.3, n_valid=n_valid)
+    want = reference.unit_mass(q, reps, kind="dot", scale=0.3, n_valid=n_valid)
+    torch.testing.assert_close(got, want, atol=1e-5 * n_queries, rtol=1e-5)
+    assert torch.all(got[..., valid:] == -1)
+    # every query row spreads a mass of one over the valid units
+    torch.testing.assert_close(got[..., :valid].sum(-1), torch.full((1, 2), 2.0 * n_queries))
 
 
 def test_unit_mass_without_a_count_scores_every_unit():
