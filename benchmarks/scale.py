@@ -300,8 +300,9 @@ def decode_full(model, shape: str, n_tokens: int) -> dict:
 
 def prefill_agentmem(model, memory, n_tokens: int) -> dict:
     ids = torch.randint(10, 128000, (1, n_tokens), device="cuda")
-    # Warm-up: compiles the kernels of both paths (eager first chunks, captured later ones).
-    prefill(model, agentmem.new_cache(model, memory), ids[:, :20480], chunk=memory.exec_chunk)
+    # Warm-up: compiles the kernels of both paths (eager first chunks, captured later ones),
+    # long enough for more than 8 blocks of units (unit_mass's statistics then take a launch).
+    prefill(model, agentmem.new_cache(model, memory), ids[:, :40960], chunk=memory.exec_chunk)
     torch.cuda.reset_peak_memory_stats()
     cache = agentmem.new_cache(model, memory)
     torch.cuda.synchronize()

@@ -252,7 +252,9 @@ def test_unit_mass_by_number_of_blocks(capacity, valid, n_queries):
     torch.testing.assert_close(got, want, atol=1e-5 * n_queries, rtol=1e-5)
     assert torch.all(got[..., valid:] == -1)
     # every query row spreads a mass of one over the valid units
-    torch.testing.assert_close(got[..., :valid].sum(-1), torch.full((1, 2), 2.0 * n_queries))
+    torch.testing.assert_close(
+        got[..., :valid].sum(-1), torch.full((1, 2), 2.0 * n_queries, device=DEVICE)
+    )
 
 
 def test_unit_mass_without_a_count_scores_every_unit():
