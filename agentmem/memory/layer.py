@@ -51,7 +51,8 @@ class MemoryLayer:
         # position j), so that the kernel reads them as they are; redone when packing shifts them.
         self.local_rotated = GrowingTensor()
         self.dropped = 0  # tokens discarded (streaming)
-        self.last_ids: torch.Tensor | None = None  # [B, Hkv, k] units retrieved by the last step
+        # [B, Hkv, k] units retrieved by the last step (read in place: in any order)
+        self.last_ids: torch.Tensor | None = None
         # [B, Hq, query_window, D]: the latest queries, rotated to the scoring distance (zeros
         # before any: a zero query adds the same mass to every unit, so it changes no choice).
         self.recent_q: torch.Tensor | None = None
@@ -400,9 +401,11 @@ class MemoryLayer:
                 scale=scale,
             )  # fmt: skip
         reps = self.units.reps.data if n_units is None else self.units.reps.buffer
+        # Read in place, the units may come in any order; an assembled window keeps the stream's.
         return score_units(
-            q, reps, kind=score_kind(cfg.repr), scale=scale, k=cfg.topk, n_valid=n_units
-        )
+            q, reps, kind=score_kind(cfg.repr), scale=scale, k=cfg.topk, n_valid=n_units,
+            ascending=not self.reads_in_place,
+        )  # fmt: skip
 
     # -- static steps (CUDA graphs) ----------------------------------------------------------
     #

@@ -2,10 +2,10 @@
 
 `reference` holds the exact pure-torch implementation of every entry point; it runs on any device
 and is what the Triton kernels are tested against. `placed_attention`, `memory_attention`,
-`local_key_mass`, `unit_mass` (hence `score_units`), `append_token` (a captured decoding step's
-bookkeeping), `fetch_units` and `copy_units` (a tiered memory's device cache) have Triton kernels:
-the backend is chosen once per device type (Triton on CUDA, the reference elsewhere), logged, and
-can be forced with `AGENTMEM_KERNELS=reference|triton` or `use_backend`.
+`local_key_mass`, `unit_mass` and `top_units` (hence `score_units`), `append_token` (a captured
+decoding step's bookkeeping), `fetch_units` and `copy_units` (a tiered memory's device cache) have
+Triton kernels: the backend is chosen once per device type (Triton on CUDA, the reference
+elsewhere), logged, and can be forced with `AGENTMEM_KERNELS=reference|triton` or `use_backend`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from agentmem_kernels.reference import (
     merge,
     rope,
     segment_attention,
-    top_units,
     unit_logits,
 )
 
@@ -98,9 +97,16 @@ def unit_mass(q: torch.Tensor, reps: torch.Tensor, **kwargs) -> torch.Tensor:
     return _implementation("unit_mass", q)(q, reps, **kwargs)
 
 
-def score_units(q: torch.Tensor, reps: torch.Tensor, *, k: int, **kwargs) -> torch.Tensor:
+def top_units(mass: torch.Tensor, k: int, *, ascending: bool = True) -> torch.Tensor:
+    """See `reference.top_units`; runs on the backend chosen for mass's device."""
+    return _implementation("top_units", mass)(mass, k, ascending=ascending)
+
+
+def score_units(
+    q: torch.Tensor, reps: torch.Tensor, *, k: int, ascending: bool = True, **kwargs
+) -> torch.Tensor:
     """See `reference.score_units`: `unit_mass` on the chosen backend, then the exact top-k."""
-    return top_units(unit_mass(q, reps, **kwargs), k)
+    return top_units(unit_mass(q, reps, **kwargs), k, ascending=ascending)
 
 
 def copy_units(
@@ -145,9 +151,10 @@ _TRITON_MODULES = {
     "copy_units": "triton_memory",
     "fetch_units": "triton_memory",
     "append_token": "triton_memory",
+    "top_units": "triton_memory",
 }
 # Entries whose kernels take any head size (they move whole rows, or only look up tables).
-_ANY_HEAD_SIZE = ("copy_units", "fetch_units")
+_ANY_HEAD_SIZE = ("copy_units", "fetch_units", "top_units")
 
 
 # fp32 on a GPU: these two go to the reference (cuBLAS), which is as fast there. Measured on an

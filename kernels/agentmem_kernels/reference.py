@@ -147,6 +147,7 @@ def score_units(
     scale: float,
     k: int,
     n_valid: torch.Tensor | None = None,
+    ascending: bool = True,
 ) -> torch.Tensor:
     """Exact top-k units for a step's queries, for every (batch, key head) set at once.
 
@@ -158,17 +159,20 @@ def score_units(
         k: units to return, <= N (and <= n_valid).
         n_valid: optional int tensor of one element: only units below it exist (the rest of
             `reps` is spare capacity). A tensor, not a number, so that no step reads it back.
+        ascending: the ids in stream order, else in any (`top_units`).
     Returns:
-        [B, Hkv, k] int64 unit ids, ascending (the order units have in the stream).
+        [B, Hkv, k] int64 unit ids.
     """
     mass = unit_mass(q, reps, kind=kind, scale=scale, n_valid=n_valid)
-    return top_units(mass, k)
+    return top_units(mass, k, ascending=ascending)
 
 
-def top_units(mass: torch.Tensor, k: int) -> torch.Tensor:
-    """Ids of the k units of largest mass [B, Hkv, N], ascending."""
-    # sorted=False: the k chosen in any order, then one sort, by id
-    return torch.sort(torch.topk(mass, k, dim=-1, sorted=False).indices, dim=-1).values
+def top_units(mass: torch.Tensor, k: int, *, ascending: bool = True) -> torch.Tensor:
+    """Ids [B, Hkv, k] of the k units of largest mass [B, Hkv, N]: ascending (the units' order
+    in the stream), or, `ascending=False`, in any order (a step that reads them in place, where
+    the order changes nothing)."""
+    chosen = torch.topk(mass, k, dim=-1, sorted=False).indices
+    return torch.sort(chosen, dim=-1).values if ascending else chosen
 
 
 def unit_mass(

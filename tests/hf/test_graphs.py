@@ -59,7 +59,7 @@ def test_static_steps_equal_ordinary_steps(position, repr, query_window):
         assert a.seen == b.seen == 180 and a.n_local == b.n_local
         assert a.units.n_units == b.units.n_units
         torch.testing.assert_close(b.local_mass, a.local_mass, atol=1e-4, rtol=1e-4)
-        assert torch.equal(b.last_ids, a.last_ids)
+        assert torch.equal(b.last_ids.sort(-1).values, a.last_ids.sort(-1).values)
         if query_window > 1:  # the latest queries, a ring in place for the captured steps,
             saved = b.state_dict()["tensors"]["recent_q"]  # handed out oldest first
             torch.testing.assert_close(saved, a.recent_q, atol=1e-4, rtol=1e-4)
@@ -92,7 +92,7 @@ def test_static_steps_of_a_tiered_memory_equal_ordinary_steps_of_a_whole_one(pos
     assert decoder.unit_room > 2  # the host pool filled and moved: captured again
     decoder.close()
     for a, b in zip(ordinary.memory_layers, static.memory_layers, strict=True):
-        assert torch.equal(b.last_ids, a.last_ids)
+        assert torch.equal(b.last_ids.sort(-1).values, a.last_ids.sort(-1).values)
         assert b.units.keys.buffer.device.type == "cpu"
         assert b.units.keys.buffer.is_pinned() == (DEVICE == "cuda")
         assert b.units.cache.keys.device.type == DEVICE
@@ -180,7 +180,7 @@ def test_static_prefill_chunks_equal_ordinary_chunks(repr, query_window, device_
         torch.testing.assert_close(b.units.keys.data.to(keys.device), keys)
         torch.testing.assert_close(b.units.reps.data, a.units.reps.data)
         torch.testing.assert_close(b.local_mass, a.local_mass, atol=1e-4, rtol=1e-4)
-        assert torch.equal(b.last_ids, a.last_ids)
+        assert torch.equal(b.last_ids.sort(-1).values, a.last_ids.sort(-1).values)
     with pytest.raises(ValueError, match="multiple of unit_size"):
         StaticSteps(model, static, tokens=12)
 

@@ -431,3 +431,27 @@ def test_append_token_refuses_several_tokens():
     k = torch.randn(2, 2, 2, 32, device=DEVICE)
     with pytest.raises(ValueError, match="one token"):
         triton_memory.append_token(k, k, torch.randn(2, 4, 1, 32, device=DEVICE), **case)
+
+
+@pytest.mark.parametrize("n_units", [5, 70, 300])
+@pytest.mark.parametrize("k", [1, 5])
+def test_top_units_ranks_like_the_reference(n_units, k):
+    """The ranking kernel chooses the reference's units: ascending, or by rank (largest mass
+    first) where order does not matter; ties go to the lower id; spare capacity (-1) last."""
+    torch.manual_seed(n_units + k)
+    mass = torch.rand(2, 3, n_units, device=DEVICE)
+    mass[0, 0, -2:] = -1.0  # spare capacity
+    want = reference.top_units(mass, k)
+    assert torch.equal(triton_memory.top_units(mass, k), want)
+    by_rank = triton_memory.top_units(mass, k, ascending=False)
+    assert torch.equal(by_rank.sort(-1).values, want)
+    chosen = mass.gather(-1, by_rank)
+    assert torch.all(chosen[..., :-1] >= chosen[..., 1:])  # largest first
+    tied = torch.zeros(1, 1, n_units, device=DEVICE)
+    assert triton_memory.top_units(tied, k, ascending=False).tolist() == [[list(range(k))]]
+
+
+def test_top_units_beyond_the_ranking_size_selects_by_radix():
+    mass = torch.rand(1, 2, triton_memory.RANK_MAX_UNITS + 10, device=DEVICE)
+    got = triton_memory.top_units(mass, 4)
+    assert torch.equal(got, reference.top_units(mass, 4))

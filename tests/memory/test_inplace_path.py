@@ -72,7 +72,8 @@ def test_in_place_equals_the_assembled_window_step_by_step(paths, position, repr
         if in_place.last_ids is None:
             assert assembled.last_ids is None
         else:
-            assert torch.equal(in_place.last_ids, assembled.last_ids)
+            # the same units; read in place, in any order
+            assert torch.equal(in_place.last_ids.sort(-1).values, assembled.last_ids)
     assert first == N_TOKENS
     # The case the covering equivalence tests never reach: sinks and units, and a real choice.
     layer = layers["in place"]

@@ -182,7 +182,7 @@ def test_the_query_window_scores_the_latest_queries_exactly(monkeypatch):
     latest = torch.cat(rotated, dim=2)[:, :, -5:]
     torch.testing.assert_close(layer.recent_q, latest)
     want = score_units(latest, layer.units.reps.data, kind="dot", scale=1.0, k=config.topk)
-    assert torch.equal(layer.last_ids, want)
+    assert torch.equal(layer.last_ids.sort(-1).values, want)  # read in place: any order
 
 
 def test_attention_representatives_are_the_most_attended_keys():
