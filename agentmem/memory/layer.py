@@ -75,8 +75,9 @@ class MemoryLayer:
     def state_dict(self, units_from: int = 0) -> dict:
         """What this memory holds: {"meta": small JSON-able facts, "tensors": name -> tensor}.
 
-        Tensors are views, not copies. `units_from` leaves out the first units (a save that
-        already wrote them); every other part is whole. Not while a captured step runs.
+        Tensors are views, not copies (but the latest queries between captured decoding steps,
+        put in order). `units_from` leaves out the first units (a save that already wrote
+        them); every other part is whole. Not while a captured step runs.
         """
         if self.static_armed:
             raise RuntimeError("a memory in the middle of a captured step has no state to give")
