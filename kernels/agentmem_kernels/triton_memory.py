@@ -448,18 +448,9 @@ def unit_mass_kernel(
             if KEEP:
                 tl.store(p_logits, b_s, mask=m_r[:, None] & (o_n[None, :] < NCAP))
         else:
-            if COMBINE:  # few rows: each program combines the rows' statistics itself
-                b_top = tl.full([BM], float("-inf"), tl.float32)
-                for i_blk in range(0, n_blocks):
-                    p_blk = (i_bh * n_blocks + i_blk) * ROWS + o_r
-                    b_top = tl.maximum(b_top, tl.load(stats_m + p_blk, mask=m_r, other=0.0))
-                b_top = tl.where(b_top == float("-inf"), 0.0, b_top)
-                b_sum = tl.zeros([BM], tl.float32)
-                for i_blk in range(0, n_blocks):
-                    p_blk = (i_bh * n_blocks + i_blk) * ROWS + o_r
-                    b_blk_m = tl.load(stats_m + p_blk, mask=m_r, other=float("-inf"))
-                    b_sum += tl.load(stats_l + p_blk, mask=m_r, other=0.0) * tl.exp(b_blk_m - b_top)
-                b_lse = tl.where(m_r, b_top + tl.log(tl.where(m_r, b_sum, 1.0)), float("inf"))
+            if COMBINE:  # few rows or blocks: each program combines the rows' statistics itself
+                b_lse = _combined_lse(stats_m, stats_l, i_bh, n_blocks, ROWS, o_r, m_r, BM)
+                b_lse = tl.where(m_r, b_lse, float("inf"))
             else:
                 b_lse = tl.load(lse + i_bh * ROWS + o_r, mask=m_r, other=float("inf"))
             b_mass += tl.sum(tl.exp(b_s - b_lse[:, None]), 0)
@@ -468,22 +459,29 @@ def unit_mass_kernel(
 
 
 @triton.jit
+def _combined_lse(stats_m, stats_l, i_bh, n_blocks, ROWS, o_r, m_r, BLOCK: tl.constexpr):
+    """Rows `o_r`'s log-sum-exp over every unit, from each block's maximum and sum (pass 1)."""
+    b_top = tl.full([BLOCK], float("-inf"), tl.float32)
+    for i_blk in range(0, n_blocks):
+        p_blk = (i_bh * n_blocks + i_blk) * ROWS + o_r
+        b_top = tl.maximum(b_top, tl.load(stats_m + p_blk, mask=m_r, other=float("-inf")))
+    b_safe = tl.where(b_top == float("-inf"), 0.0, b_top)
+    b_sum = tl.zeros([BLOCK], tl.float32)
+    for i_blk in range(0, n_blocks):
+        p_blk = (i_bh * n_blocks + i_blk) * ROWS + o_r
+        b_blk_m = tl.load(stats_m + p_blk, mask=m_r, other=float("-inf"))
+        b_sum += tl.load(stats_l + p_blk, mask=m_r, other=0.0) * tl.exp(b_blk_m - b_safe)
+    return b_safe + tl.log(tl.where(m_r, b_sum, 1.0))
+
+
+@triton.jit
 def unit_lse_kernel(stats_m, stats_l, lse, ROWS, N_BLOCKS, BR: tl.constexpr):
-    """Each row's log-sum-exp over the units, from the blocks' maxima and sums (pass 1)."""
+    """Each row's log-sum-exp, once for every program of the second pass (many blocks)."""
     i_bh, i_r = tl.program_id(0), tl.program_id(1)
     o_r = i_r * BR + tl.arange(0, BR)
     m_r = o_r < ROWS
-    b_top = tl.full([BR], float("-inf"), tl.float32)
-    for i_blk in range(0, N_BLOCKS):
-        p_blk = (i_bh * N_BLOCKS + i_blk) * ROWS + o_r
-        b_top = tl.maximum(b_top, tl.load(stats_m + p_blk, mask=m_r, other=float("-inf")))
-    b_safe = tl.where(b_top == float("-inf"), 0.0, b_top)
-    b_sum = tl.zeros([BR], tl.float32)
-    for i_blk in range(0, N_BLOCKS):
-        p_blk = (i_bh * N_BLOCKS + i_blk) * ROWS + o_r
-        b_blk_m = tl.load(stats_m + p_blk, mask=m_r, other=float("-inf"))
-        b_sum += tl.load(stats_l + p_blk, mask=m_r, other=0.0) * tl.exp(b_blk_m - b_safe)
-    tl.store(lse + i_bh * ROWS + o_r, b_safe + tl.log(tl.where(m_r, b_sum, 1.0)), mask=m_r)
+    b_lse = _combined_lse(stats_m, stats_l, i_bh, N_BLOCKS, ROWS, o_r, m_r, BR)
+    tl.store(lse + i_bh * ROWS + o_r, b_lse, mask=m_r)
 
 
 def unit_mass(
