@@ -448,6 +448,7 @@ class MemoryLayer:
         if self.recent_q is not None:  # captured steps write it in place: this layer's own
             self.recent_q = self.recent_q.clone()
         self.counts = torch.zeros(3, dtype=torch.int32, device=self.local_k.device)
+        self.static_query = None  # made by the first step, in its shape
         self.static_tokens = tokens
         self._sync_counts()
 

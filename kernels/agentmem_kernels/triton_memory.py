@@ -847,6 +847,8 @@ def append_token(
         raise ValueError("append_token needs the local buffers of one layout")
     if local_mass.stride(-1) != 1 or local_mass.dtype != torch.float32:
         raise ValueError("append_token needs local_mass fp32 with its last dimension dense")
+    if counts.dtype != torch.int32 or counts.numel() < 3:
+        raise ValueError("append_token needs counts int32 [local length, units, ring slot]")
     if cos.dtype != torch.float32 or not cos.is_contiguous() or cos.stride() != sin.stride():
         raise ValueError("append_token needs dense fp32 cos/sin tables")
     append_token_kernel[(1,)](
