@@ -28,13 +28,16 @@ PROGRESS_MIN_TOKENS = 4096
 @dataclass(frozen=True)
 class Recall:
     """A memory unit retrieved by the last step: its token span, its text, by which layers, and
-    the messages (role, text) its tokens came from."""
+    the messages (role, text) its tokens came from. `ranks[i]`: its rank in layer `layers[i]`
+    (0: the unit of largest mass; the best over the layer's KV heads), or None where that layer
+    ranked nothing (it took every unit, or found them through the index, or in stream order)."""
 
     start: int
     end: int
     text: str
     layers: tuple[int, ...]
     messages: tuple[tuple[str, str], ...] = ()
+    ranks: tuple[int | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -261,21 +264,27 @@ class Session:
 
     def recalled(self) -> list[Recall]:
         """Memory units the last step retrieved, in stream order, across layers and heads."""
-        by_span: dict[tuple[int, int], list[int]] = {}
+        by_span: dict[tuple[int, int], list[tuple[int, int | None]]] = {}
         for layer_idx, layer in enumerate(self.cache.layers):
             state = layer.state
             if getattr(state, "last_ids", None) is None:
                 continue
-            for unit in sorted(set(state.last_ids[0].flatten().tolist())):
-                by_span.setdefault(state.units.span(unit), []).append(layer_idx)
+            best: dict[int, int] = {}  # unit -> its best rank over the KV heads (batch row 0)
+            for head in state.last_ids[0].tolist():
+                for rank, unit in enumerate(head):
+                    best[unit] = min(rank, best.get(unit, rank))
+            for unit in sorted(best):
+                rank = best[unit] if state.last_ranked else None
+                by_span.setdefault(state.units.span(unit), []).append((layer_idx, rank))
         decode = self.lm.tokenizer.decode
         return [
             Recall(
                 start,
                 end,
                 decode(self.tokens[start:end]),
-                tuple(layers),
+                tuple(layer for layer, _ in seen),
                 tuple((m.role, m.text) for m in self._messages if m.start < end and start < m.end),
+                tuple(rank for _, rank in seen),
             )  # fmt: skip
-            for (start, end), layers in sorted(by_span.items())
+            for (start, end), seen in sorted(by_span.items())
         ]

@@ -255,6 +255,9 @@ def test_the_runner_writes_rows_as_it_goes_and_resumes(tmp_path, monkeypatch):
         for needle in row["needles"]:
             assert {"span", "depth", "where", "layers", "units"} <= set(needle)
             assert set(needle["layers"]) <= set(data["meta"]["memory_layers"])
+            for _, _, layers, ranks in needle["units"]:  # each retrieved unit's rank per layer
+                assert len(ranks) == len(layers)
+                assert all(rank is None or 0 <= rank < 2 for rank in ranks)  # topk=2
     assert "niah_multikey" in out.with_suffix(".txt").read_text()
     assert (tmp_path / "plots" / "niah_multikey.png").is_file()
 

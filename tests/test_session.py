@@ -139,6 +139,11 @@ def test_recalled_reports_retrieved_spans_and_text(tokenizer):
         assert unit.text == tokenizer.decode(session.tokens[unit.start : unit.end])
         assert unit.layers == (2,)
         assert unit.end <= len(session) - SMALL.n_local + SMALL.unit_size
+        assert len(unit.ranks) == 1 and 0 <= unit.ranks[0] < SMALL.topk
+    # each KV head ranks its own topk, the best of them first
+    state = session.cache.layers[2].state
+    assert state.units.n_units > SMALL.topk and state.last_ranked
+    assert min(unit.ranks[0] for unit in recalled) == 0
 
 
 def test_bad_input_is_refused_where_it_enters(lm):

@@ -51,8 +51,10 @@ class MemoryLayer:
         # position j), so that the kernel reads them as they are; redone when packing shifts them.
         self.local_rotated = GrowingTensor()
         self.dropped = 0  # tokens discarded (streaming)
-        # [B, Hkv, k] units retrieved by the last step (read in place: in any order)
+        # [B, Hkv, k] units retrieved by the last step: by rank (the largest mass first) where
+        # `last_ranked`, else ascending
         self.last_ids: torch.Tensor | None = None
+        self.last_ranked = False
         # [B, Hq, query_window, D]: the latest queries, rotated to the scoring distance (zeros
         # before any: a zero query adds the same mass to every unit, so it changes no choice).
         self.recent_q: torch.Tensor | None = None
@@ -106,6 +108,7 @@ class MemoryLayer:
             "n_units": units.n_units,
             "units_from": units_from,
             "dropped": self.dropped,
+            "last_ranked": self.last_ranked,
         }
         return {"meta": meta, "tensors": {k: v for k, v in parts.items() if v is not None}}
 
@@ -151,6 +154,7 @@ class MemoryLayer:
             cos, sin = self._table(local_k.shape[2], local_k.device)
             self.local_rotated.append(rope(local_k.float(), cos, sin).to(local_k.dtype))
         self.last_ids = tensors.get("last_ids")
+        self.last_ranked = meta.get("last_ranked", False)  # older states do not say
         self.recent_q = tensors.get("recent_q")
         self.index = UnitIndex()
         self.pending.clear()
@@ -273,7 +277,7 @@ class MemoryLayer:
         cfg = self.config
         self._make_room(k.shape[2])
         self._append_local(k, v)
-        self.last_ids = None
+        self.last_ids, self.last_ranked = None, False
         scoring = self._scoring_queries(q) if cfg.retrieves else None
         if cfg.retrieves and self.units.n_units:
             self.last_ids = self._retrieve(scoring, scale)
@@ -393,7 +397,8 @@ class MemoryLayer:
         too, masked, so that shapes do not change from step to step.
         """
         cfg = self.config
-        if n_units is None and self.units.n_units <= cfg.topk:
+        self.last_ranked = False
+        if n_units is None and self.units.n_units <= cfg.topk:  # every unit: no choice made
             ids = torch.arange(self.units.n_units, device=q.device)
             return ids.expand(*self.local_k.shape[:2], -1)
         if cfg.index == "faiss" and n_units is None and self.units.n_units >= cfg.index_min_units:
@@ -402,7 +407,9 @@ class MemoryLayer:
                 scale=scale,
             )  # fmt: skip
         reps = self.units.reps.data if n_units is None else self.units.reps.buffer
-        # Read in place, the units may come in any order; an assembled window keeps the stream's.
+        # Read in place, the units may come in any order: by rank; an assembled window keeps the
+        # stream's.
+        self.last_ranked = self.reads_in_place
         return score_units(
             q, reps, kind=score_kind(cfg.repr), scale=scale, k=cfg.topk, n_valid=n_units,
             ascending=not self.reads_in_place,

@@ -300,8 +300,8 @@ def needle_report(prompt: Prompt, recalls, memory, memory_layers: list[int], tot
     """Each needle at the step that gave `recalls`: its token span and depth, where it sat
     ('sinks'; 'local': surely in the local window; 'edge': the last n_local tokens, in the
     window or in the newest units; 'memory'), the layers in whose window all its tokens were,
-    and the retrieved units that overlap it with their layers. `Recall` does not expose a
-    unit's rank among those retrieved, so none is recorded."""
+    and the retrieved units that overlap it, each [start, end, layers, ranks] (its rank in each
+    of those layers, 0 the unit of largest mass; None where a layer ranked nothing)."""
     n_init, n_local, unit = memory.n_init, memory.n_local, memory.unit_size
     surely_local = total - (n_local - unit + 1)  # a step packs whole units out of the window
     out = []
@@ -324,7 +324,8 @@ def needle_report(prompt: Prompt, recalls, memory, memory_layers: list[int], tot
         out.append({
             "key": needle.key, "value": needle.value, "asked": needle.asked,
             "span": [start, end], "depth": round(start / total, 4), "where": where,
-            "layers": layers, "units": [[r.start, r.end, list(r.layers)] for r in units],
+            "layers": layers,
+            "units": [[r.start, r.end, list(r.layers), list(r.ranks)] for r in units],
         })  # fmt: skip
     return out
 

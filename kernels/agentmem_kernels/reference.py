@@ -159,7 +159,7 @@ def score_units(
         k: units to return, <= N (and <= n_valid).
         n_valid: optional int tensor of one element: only units below it exist (the rest of
             `reps` is spare capacity). A tensor, not a number, so that no step reads it back.
-        ascending: the ids in stream order, else in any (`top_units`).
+        ascending: the ids in stream order, else by rank (`top_units`).
     Returns:
         [B, Hkv, k] int64 unit ids.
     """
@@ -169,10 +169,11 @@ def score_units(
 
 def top_units(mass: torch.Tensor, k: int, *, ascending: bool = True) -> torch.Tensor:
     """Ids [B, Hkv, k] of the k units of largest mass [B, Hkv, N]: ascending (the units' order
-    in the stream), or, `ascending=False`, in any order (a step that reads them in place, where
-    the order changes nothing)."""
-    chosen = torch.topk(mass, k, dim=-1, sorted=False).indices
-    return torch.sort(chosen, dim=-1).values if ascending else chosen
+    in the stream), or, `ascending=False`, by rank, the largest mass first (a step that reads
+    them in place, where the order changes nothing; ties in either order)."""
+    if not ascending:
+        return torch.topk(mass, k, dim=-1).indices
+    return torch.sort(torch.topk(mass, k, dim=-1, sorted=False).indices, dim=-1).values
 
 
 def unit_mass(

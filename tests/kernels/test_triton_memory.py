@@ -444,6 +444,7 @@ def test_top_units_ranks_like_the_reference(n_units, k):
     want = reference.top_units(mass, k)
     assert torch.equal(triton_memory.top_units(mass, k), want)
     by_rank = triton_memory.top_units(mass, k, ascending=False)
+    assert torch.equal(by_rank, reference.top_units(mass, k, ascending=False))
     assert torch.equal(by_rank.sort(-1).values, want)
     chosen = mass.gather(-1, by_rank)
     assert torch.all(chosen[..., :-1] >= chosen[..., 1:])  # largest first

@@ -11,7 +11,7 @@ from agentmem.config import MemoryConfig
 from agentmem.memory.layer import MemoryLayer
 from agentmem.memory.representatives import representatives
 from agentmem.memory.sliding import SlidingLayer
-from agentmem_kernels import rope, score_units
+from agentmem_kernels import rope, score_units, unit_mass
 from tests.helpers import PlainRope
 
 D = 8
@@ -181,8 +181,11 @@ def test_the_query_window_scores_the_latest_queries_exactly(monkeypatch):
     rotated = [rope(q, cos, sin) for q in fed]
     latest = torch.cat(rotated, dim=2)[:, :, -5:]
     torch.testing.assert_close(layer.recent_q, latest)
-    want = score_units(latest, layer.units.reps.data, kind="dot", scale=1.0, k=config.topk)
-    assert torch.equal(layer.last_ids.sort(-1).values, want)  # read in place: any order
+    reps = layer.units.reps.data
+    want = score_units(latest, reps, kind="dot", scale=1.0, k=config.topk, ascending=False)
+    assert layer.last_ranked and torch.equal(layer.last_ids, want)  # by rank: read in place
+    mass = unit_mass(latest, reps, kind="dot", scale=1.0)
+    assert torch.equal(layer.last_ids[..., 0], mass.argmax(-1))  # rank 0: the largest mass
 
 
 def test_attention_representatives_are_the_most_attended_keys():
