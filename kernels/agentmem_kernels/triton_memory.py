@@ -890,8 +890,8 @@ def top_units_kernel(mass, out, N, K, BI: tl.constexpr, BJ: tl.constexpr):
 
 def top_units(mass: torch.Tensor, k: int, *, ascending: bool = True) -> torch.Tensor:
     """Same signature and results as `reference.top_units` (ties: the lower id first), in one
-    launch for up to `RANK_MAX_UNITS` units a row (torch's topk
-    and a sort were two, of 5 to 20 us each on an H200)."""
+    launch for up to `RANK_MAX_UNITS` units a row (torch's topk and a sort were two, of 5 to 20
+    us each on an H200)."""
     n_units = mass.shape[-1]
     if not 0 <= k <= n_units:
         raise ValueError(f"top_units: k={k} of {n_units} units")
