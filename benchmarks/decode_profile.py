@@ -50,7 +50,7 @@ def profiled(step: Callable[[], object], steps: int) -> dict:
                 "us_per_step": e.self_device_time_total / steps,
             }
             for e in kernels
-        ],  # fmt: skip
+        ],
     }
 
 
