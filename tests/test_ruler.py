@@ -233,6 +233,24 @@ def test_the_report_tables_the_rows_of_several_runs(tmp_path, capsys):
     assert "1/2 (0.50) 1/0/0" in capsys.readouterr().out
 
 
+def test_the_report_gives_the_ranks_the_asked_needles_were_retrieved_at():
+    def needle(asked, units):
+        return {"asked": asked, "units": units}
+
+    # layers 3 and 5 retrieved the asked needle's two units at ranks (4, 1) and (2, None); the
+    # other needle's ranks and a row from before ranks were recorded count for nothing
+    miss = {"task": "niah_multikey", "length": 524288, "policy": "infllm", "coverage": 0.5,
+            "correct": False, "score": 0.0, "needles": [
+                needle(True, [[0, 64, [3, 5], [4, 2]], [64, 128, [3, 5], [1, None]]]),
+                needle(False, [[500, 564, [3], [0]]])]}  # fmt: skip
+    old = {**miss, "needles": [needle(True, [[0, 64, [3]]])]}
+    assert report.asked_ranks(miss) == [1, 2] and report.asked_ranks(old) == []
+    hit = {**miss, "correct": True, "needles": [needle(True, [[0, 64, [3], [0]]])]}
+    (cell,) = report.summarize([miss, hit, old])
+    assert cell["rank_misses"] == 1.5 and cell["rank_hits"] == 0
+    assert "r1.5" in report.format_table([cell])
+
+
 def test_the_runner_writes_rows_as_it_goes_and_resumes(tmp_path, monkeypatch):
     lm = LanguageModel(build_model("qwen2"), chatml_tokenizer())
     out = tmp_path / "ruler.json"

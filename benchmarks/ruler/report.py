@@ -12,10 +12,38 @@ def _key(length: int) -> str:
     return f"{length // 2**20}M" if length % 2**20 == 0 else f"{length // 1024}K"
 
 
+def asked_ranks(row: dict) -> list[int]:
+    """The ranks at which the layers retrieved the asked needles' units at the answering step:
+    for each asked needle and each layer that ranked one of its units, the best of them."""
+    ranks = []
+    for needle in row.get("needles") or []:
+        if not needle.get("asked"):
+            continue
+        best: dict[int, int] = {}
+        for unit in needle["units"]:
+            if len(unit) < 4:  # a row from before ranks were recorded
+                continue
+            for layer, rank in zip(unit[2], unit[3], strict=True):
+                if rank is not None:
+                    best[layer] = min(rank, best.get(layer, rank))
+        ranks.extend(best.values())
+    return ranks
+
+
+def _median(values: list[int]) -> float | None:
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
 def summarize(rows: list[dict]) -> list[dict]:
     """One entry per (task, length, policy): prompts, correct, mean score, and for agentmem's
     misses how many had every asked needle in the window of all memory layers ('read': the
-    model saw it and still missed), of some ('part') or of none ('lost': a retrieval miss)."""
+    model saw it and still missed), of some ('part') or of none ('lost': a retrieval miss);
+    the median rank at which layers retrieved the asked needles, over the hits and over the
+    misses (rows that record ranks)."""
     groups: dict[tuple[str, int, str], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["task"], row["length"], row["policy"]), []).append(row)
@@ -29,6 +57,8 @@ def summarize(rows: list[dict]) -> list[dict]:
             "read": sum(r["coverage"] == 1 for r in misses),
             "part": sum(0 < r["coverage"] < 1 for r in misses),
             "lost": sum(r["coverage"] == 0 for r in misses),
+            "rank_hits": _median([x for r in group if r["correct"] for x in asked_ranks(r)]),
+            "rank_misses": _median([x for r in group if not r["correct"] for x in asked_ranks(r)]),
         })  # fmt: skip
     return table
 
@@ -50,12 +80,15 @@ def format_table(table: list[dict]) -> str:
                 cell = "" if e is None else f"{e['correct']}/{e['prompts']} ({e['score']:.2f})"
                 if e is not None and e["read"] + e["part"] + e["lost"]:
                     cell += f" {e['read']}/{e['part']}/{e['lost']}"
+                if e is not None and e.get("rank_misses") is not None:
+                    cell += f" r{e['rank_misses']:g}"
                 text += f"{cell:>22}"
             lines.append(text)
         lines.append("")
     lines.append(
         "cells: correct/prompts (mean score); agentmem misses as read/part/lost: every asked "
-        "needle in the answering step's window in all memory layers / in some / in none"
+        "needle in the answering step's window in all memory layers / in some / in none; "
+        "rN: the median rank at which layers retrieved the asked needles in the misses (0: first)"
     )
     return "\n".join(lines)
 
