@@ -276,9 +276,8 @@ def full_attention_step(model, shape: str, n_tokens: int, measure: Callable, *ar
                 layer.values.normal_()
                 if getattr(layer, "is_sliding", False):
                     layer.update = MethodType(_roll_window, layer)
-            return measure(graphed(step), *args)
+            return measure(graphed(step), *args)  # the cache goes with this frame
         finally:
-            cache = None  # free its memory before the next measurement
             model.set_attn_implementation(original)
 
 
