@@ -362,9 +362,6 @@ def _last_dim_dense(x: torch.Tensor) -> torch.Tensor:
 # queries x 4 to 8 heads a group), a prefill chunk with over a thousand: those compute again,
 # as keeping their logits would take gigabytes at a million tokens.
 KEEP_LOGITS_MAX_ROWS = 256
-# Blocks of units up to which each program of the second pass combines its rows' statistics
-# itself (reading rows x blocks of them) rather than after a launch of its own that does it once.
-COMBINE_MAX_BLOCKS = 8
 
 
 @triton.jit
@@ -460,17 +457,24 @@ def unit_mass_kernel(
 
 @triton.jit
 def _combined_lse(stats_m, stats_l, i_bh, n_blocks, ROWS, o_r, m_r, BLOCK: tl.constexpr):
-    """Rows `o_r`'s log-sum-exp over every unit, from each block's maximum and sum (pass 1)."""
+    """Rows `o_r`'s log-sum-exp over every unit, from each block's maximum and sum (pass 1),
+    read 16 blocks at a time and combined online (a block at a time was a chain of dependent
+    loads: 29 us at 256 blocks on an H200, 11 us now)."""
+    o_blk = tl.arange(0, 16)
     b_top = tl.full([BLOCK], float("-inf"), tl.float32)
-    for i_blk in range(0, n_blocks):
-        p_blk = (i_bh * n_blocks + i_blk) * ROWS + o_r
-        b_top = tl.maximum(b_top, tl.load(stats_m + p_blk, mask=m_r, other=float("-inf")))
-    b_safe = tl.where(b_top == float("-inf"), 0.0, b_top)
     b_sum = tl.zeros([BLOCK], tl.float32)
-    for i_blk in range(0, n_blocks):
-        p_blk = (i_bh * n_blocks + i_blk) * ROWS + o_r
-        b_blk_m = tl.load(stats_m + p_blk, mask=m_r, other=float("-inf"))
-        b_sum += tl.load(stats_l + p_blk, mask=m_r, other=0.0) * tl.exp(b_blk_m - b_safe)
+    for first in range(0, n_blocks, 16):
+        m_blk = (first + o_blk < n_blocks)[:, None] & m_r[None, :]
+        p_blk = (i_bh * n_blocks + first + o_blk)[:, None] * ROWS + o_r[None, :]
+        b_blk_m = tl.load(stats_m + p_blk, mask=m_blk, other=float("-inf"))
+        b_blk_l = tl.load(stats_l + p_blk, mask=m_blk, other=0.0)
+        b_new = tl.maximum(b_top, tl.max(b_blk_m, 0))
+        b_safe = tl.where(b_new == float("-inf"), 0.0, b_new)
+        b_sum = b_sum * tl.exp(b_top - b_safe) + tl.sum(
+            b_blk_l * tl.exp(b_blk_m - b_safe[None, :]), 0
+        )
+        b_top = b_new
+    b_safe = tl.where(b_top == float("-inf"), 0.0, b_top)
     return b_safe + tl.log(tl.where(m_r, b_sum, 1.0))
 
 
@@ -510,6 +514,9 @@ def unit_mass(
         reps = reps.contiguous()
     rows = group * n_queries
     width = head_dim * q.element_size() // 2  # fp32 tiles weigh as a head twice as wide
+    # With few rows each program of the second pass combines their statistics itself; with more,
+    # a launch of its own does it once (at 128 rows on an H200, 4.8 us for both against 5.6 for
+    # a combining pass 2, from 2 blocks to 15).
     keep, combine = rows <= KEEP_LOGITS_MAX_ROWS, rows <= 16
     r = n_slots // 2 if kind == "minmax" else n_slots
     preferred = {
@@ -518,6 +525,18 @@ def unit_mass(
         "num_warps": 4,
         "num_stages": 3 if head_dim <= 64 else 2 if head_dim <= 128 else 1,
     }
+    if keep and width <= 128 and rows > 16:
+        # A decoding step at head size 64 or 128 (Llama: 128 rows a key head): all its rows in one
+        # block read each representative once. On an H200 at head size 64, pass 1 took 82 us
+        # rather than 134 at 16K units, 11 rather than 20 at 2K; at 128, all three kernels 12
+        # us rather than 20 at 480 units. Up to 64 units one block of 64 holds them all: one pass
+        # (6 us rather than 9 at 42 units).
+        preferred = {
+            "BM": min(128, triton.next_power_of_2(rows)),
+            "BN": 64 if capacity <= 64 else 32,
+            "num_warps": 8,
+            "num_stages": 2,
+        }
 
     def both_passes(config: dict) -> torch.Tensor:
         block_n = config["BN"]
@@ -529,8 +548,6 @@ def unit_mass(
         )
         mass = triton_attention._alloc((batch * n_kv_heads, capacity), q.device)
 
-        combining = combine or n_blocks <= COMBINE_MAX_BLOCKS
-
         def launch(pass_, lse):
             unit_mass_kernel[(batch * n_kv_heads, n_blocks)](
                 q, reps, n_valid, stats_m, stats_l, lse, logits, mass,
@@ -539,7 +556,7 @@ def unit_mass(
                 reps.stride(0), reps.stride(1), reps.stride(2),
                 n_queries, n_kv_heads, rows, capacity,
                 G=group, D=head_dim, R=r, BM=config["BM"], BN=block_n,
-                PASS=pass_, MINMAX=kind == "minmax", KEEP=keep, COMBINE=combining,
+                PASS=pass_, MINMAX=kind == "minmax", KEEP=keep, COMBINE=combine,
                 EXACT=q.dtype == torch.float32,
                 N_ON_DEVICE=on_device,
                 num_warps=config["num_warps"], num_stages=config["num_stages"],
@@ -549,12 +566,12 @@ def unit_mass(
             launch(0, stats_m)
             return mass.view(batch, n_kv_heads, capacity)
         launch(1, stats_m)  # lse is not read in pass 1; a refused launch is refused here
-        if combining:
+        if combine:
             launch(2, stats_m)  # lse combined inside
             return mass.view(batch, n_kv_heads, capacity)
         lse = triton_attention._alloc((batch * n_kv_heads, rows), q.device)
-        unit_lse_kernel[(batch * n_kv_heads, triton.cdiv(rows, 64))](
-            stats_m, stats_l, lse, rows, n_blocks, BR=64, num_warps=2
+        unit_lse_kernel[(batch * n_kv_heads, triton.cdiv(rows, 32))](
+            stats_m, stats_l, lse, rows, n_blocks, BR=32, num_warps=2
         )
         launch(2, lse)
         return mass.view(batch, n_kv_heads, capacity)
@@ -864,45 +881,91 @@ def append_token(
     )  # fmt: skip
 
 
-# Units per (batch row, KV head) up to which `top_units` ranks every unit against every other (N^2
-# comparisons, spread over N / 64 programs a row); beyond, torch's radix selection is cheaper.
-RANK_MAX_UNITS = 4096
+# Entries a row up to which `top_units` ranks every unit against every other in one launch (N^2
+# comparisons, over N / RANK_BLOCK programs a row). Beyond, it ranks segments of `RANK_SEGMENT`
+# units against their own segment and keeps each one's top k, then ranks those candidates, and so
+# on: N x segment comparisons rather than N^2 (at 16K units an H200 took 88 us for torch's topk).
+RANK_ONE_LAUNCH_MAX = 512
+RANK_SEGMENT = 256
+# Units a program ranks, and compared at a time: on an H200, 32 against 256 ranked 480 units in
+# 3.6 us and a 16K-unit row's segments in 15, where 64 against 64 took 6.6 and 30.
+RANK_BLOCK, RANK_AGAINST = 32, 256
 
 
 @triton.jit
-def top_units_kernel(mass, out, N, K, BI: tl.constexpr, BJ: tl.constexpr):
-    """Each program ranks BI units of one row against all N (ties: the lower id first) and
-    writes each of the top K at its rank: one id per slot, so no two programs write the same."""
-    row, i_blk = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    o_i = i_blk * BI + tl.arange(0, BI)
-    m_i = o_i < N
+def top_units_kernel(
+    mass, ids, out_ids, out_mass, N, SEGMENT, K,
+    BI: tl.constexpr, BJ: tl.constexpr, GATHER: tl.constexpr, KEEP_MASS: tl.constexpr,
+):  # fmt: skip
+    """Each program ranks BI entries of one row against the others of their segment of SEGMENT
+    entries (ties: the lower position first) and writes each of the segment's top K at its rank:
+    one entry per slot, so no two programs write the same. Entries are ids `o_i`, or read from
+    `ids` (GATHER: candidates of an earlier launch); KEEP_MASS writes their masses too, and the
+    slots of a segment shorter than K get -inf, so that the next launch ranks them last."""
+    row, i_prog = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    per_segment = tl.cdiv(SEGMENT, BI)
+    i_seg = i_prog // per_segment
+    start = i_seg * SEGMENT
+    end = tl.minimum(start + SEGMENT, N)
+    o_i = start + (i_prog % per_segment) * BI + tl.arange(0, BI)
+    m_i = o_i < end
     b_i = tl.load(mass + row * N + o_i, mask=m_i, other=float("-inf"))
     rank = tl.zeros([BI], tl.int32)
-    for first in range(0, N, BJ):
+    for first in range(start, end, BJ):
         o_j = first + tl.arange(0, BJ)
-        b_j = tl.load(mass + row * N + o_j, mask=o_j < N, other=float("-inf"))
+        b_j = tl.load(mass + row * N + o_j, mask=o_j < end, other=float("-inf"))
         ahead = (b_j[None, :] > b_i[:, None]) | (
             (b_j[None, :] == b_i[:, None]) & (o_j[None, :] < o_i[:, None])
         )
         rank += tl.sum(ahead.to(tl.int32), 1)
-    tl.store(out + row * K + rank, o_i.to(tl.int64), mask=m_i & (rank < K))
+    n_segments = tl.cdiv(N, SEGMENT)
+    p_out = (row * n_segments + i_seg) * K + rank
+    kept = m_i & (rank < K)
+    if GATHER:
+        tl.store(out_ids + p_out, tl.load(ids + row * N + o_i, mask=kept), mask=kept)
+    else:
+        tl.store(out_ids + p_out, o_i.to(tl.int64), mask=kept)
+    if KEEP_MASS:
+        tl.store(out_mass + p_out, b_i, mask=kept)
+        if i_prog % per_segment == 0:  # a short last segment: its empty slots rank last
+            o_k = tl.arange(0, BI)
+            p_empty = (row * n_segments + i_seg) * K + o_k
+            for first in range(0, K, BI):
+                m_empty = (first + o_k >= end - start) & (first + o_k < K)
+                tl.store(out_mass + first + p_empty, float("-inf"), mask=m_empty)
+                tl.store(out_ids + first + p_empty, -1, mask=m_empty)
 
 
 def top_units(mass: torch.Tensor, k: int, *, ascending: bool = True) -> torch.Tensor:
-    """Same signature and results as `reference.top_units` (ties: the lower id first), in one
-    launch for up to `RANK_MAX_UNITS` units a row (torch's topk and a sort were two, of 5 to 20
-    us each on an H200)."""
+    """Same signature and results as `reference.top_units` (ties: the lower id first): one launch
+    for up to `RANK_ONE_LAUNCH_MAX` units a row; beyond, segments keep their top k and the
+    candidates are ranked again, in segments again while more than `RANK_ONE_LAUNCH_MAX` remain
+    (at k = 32, beyond 4,096 units)."""
     n_units = mass.shape[-1]
     if not 0 <= k <= n_units:
         raise ValueError(f"top_units: k={k} of {n_units} units")
-    if n_units > RANK_MAX_UNITS or k == 0:
-        from agentmem_kernels import reference
-
-        return reference.top_units(mass, k, ascending=ascending)
+    if k == 0:
+        return torch.empty((*mass.shape[:-1], 0), dtype=torch.int64, device=mass.device)
     mass = mass.contiguous()
     rows = mass.numel() // n_units
+    candidates, candidate_ids = mass, None
+    segment = max(RANK_SEGMENT, 4 * triton.next_power_of_2(k))  # each keeps a quarter at most
+    while candidates.shape[-1] > max(RANK_ONE_LAUNCH_MAX, segment):
+        n = candidates.shape[-1]
+        n_segments = triton.cdiv(n, segment)
+        out_ids = torch.empty((rows, n_segments * k), dtype=torch.int64, device=mass.device)
+        out_mass = torch.empty((rows, n_segments * k), dtype=mass.dtype, device=mass.device)
+        top_units_kernel[(rows, n_segments * triton.cdiv(segment, RANK_BLOCK))](
+            candidates, candidate_ids, out_ids, out_mass, n, segment, k,
+            BI=RANK_BLOCK, BJ=RANK_AGAINST, GATHER=candidate_ids is not None, KEEP_MASS=True,
+            num_warps=4,
+        )  # fmt: skip
+        candidates, candidate_ids = out_mass, out_ids
+    n = candidates.shape[-1]
     ids = torch.empty((*mass.shape[:-1], k), dtype=torch.int64, device=mass.device)
-    top_units_kernel[(rows, triton.cdiv(n_units, 64))](
-        mass, ids, n_units, k, BI=64, BJ=64, num_warps=4
+    top_units_kernel[(rows, triton.cdiv(n, RANK_BLOCK))](
+        candidates, candidate_ids, ids, ids, n, n, k,
+        BI=RANK_BLOCK, BJ=RANK_AGAINST, GATHER=candidate_ids is not None, KEEP_MASS=False,
+        num_warps=4,
     )  # fmt: skip
     return torch.sort(ids, dim=-1).values if ascending else ids

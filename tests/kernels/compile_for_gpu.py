@@ -43,9 +43,10 @@ CASES = [
      dict(q="bf16", reps="bf16", n_valid="i32", stats_m="fp32", stats_l="fp32", lse="fp32",
           logits="fp32", mass="fp32"),
      [{**MASS, "PASS": 0}, MASS, {**MASS, "PASS": 2, "COMBINE": True},
+      {**MASS, "BM": 128, "BN": 32, "PASS": 2, "COMBINE": True},
       {**MASS, "PASS": 2, "KEEP": False, "D": 128}, {**MASS, "PASS": 2, "MINMAX": True}]),
     (triton_memory.unit_lse_kernel, dict(stats_m="fp32", stats_l="fp32", lse="fp32"),
-     [dict(BR=64)]),
+     [dict(BR=32)]),
     (triton_memory.local_key_mass_kernel,
      dict(q="bf16", local_k="bf16", n_local="i32", lse="fp32", cos="fp32", sin="fp32",
           mass="fp32"),
@@ -61,7 +62,11 @@ CASES = [
      dict(k="bf16", v="bf16", q="bf16", local_k="bf16", local_v="bf16", local_mass="fp32",
           local_rot="bf16", queries="bf16", counts="i32", cos="fp32", sin="fp32"),
      [dict(HALF=32, BKV=8, BQ=32), dict(HALF=128, BKV=1, BQ=4)]),
-    (triton_memory.top_units_kernel, dict(mass="fp32", out="i64"), [dict(BI=64, BJ=64)]),
+    (triton_memory.top_units_kernel,
+     dict(mass="fp32", ids="i64", out_ids="i64", out_mass="fp32"),
+     [dict(BI=32, BJ=256, GATHER=False, KEEP_MASS=False),
+      dict(BI=32, BJ=256, GATHER=False, KEEP_MASS=True),
+      dict(BI=32, BJ=256, GATHER=True, KEEP_MASS=False)]),
 ]  # fmt: skip
 
 

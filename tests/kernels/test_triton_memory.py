@@ -237,8 +237,8 @@ def test_unit_mass(kind, n_queries, dtype):
         assert torch.equal(reference.top_units(got, 5), reference.top_units(want, 5))
 
 
-# Blocks of 64 units: 40 in one (a single pass), 75 in two (each program combines the rows'
-# statistics), 600 of 700 valid in eleven (a launch of its own combines them).
+# 40 units fit one block (a single pass); 75 and 700 take several: one query's rows are combined
+# by each program of the second pass, 30 or 150 queries' by a launch of their own.
 @pytest.mark.parametrize(("capacity", "valid"), [(40, 33), (75, 70), (700, 600)])
 @pytest.mark.parametrize("n_queries", [1, 30, 150])
 def test_unit_mass_by_number_of_blocks(capacity, valid, n_queries):
@@ -246,7 +246,6 @@ def test_unit_mass_by_number_of_blocks(capacity, valid, n_queries):
     q = torch.randn(1, 4, n_queries, 32, device=DEVICE)
     reps = torch.randn(1, 2, capacity, 2, 32, device=DEVICE)
     n_valid = torch.tensor([valid], dtype=torch.int32, device=DEVICE)
-    assert triton_memory.COMBINE_MAX_BLOCKS < 700 // 64
     got = triton_memory.unit_mass(q, reps, kind="dot", scale=0.3, n_valid=n_valid)
     want = reference.unit_mass(q, reps, kind="dot", scale=0.3, n_valid=n_valid)
     torch.testing.assert_close(got, want, atol=1e-5 * n_queries, rtol=1e-5)
@@ -444,7 +443,7 @@ def test_top_units_ranks_like_the_reference(n_units, k):
     want = reference.top_units(mass, k)
     assert torch.equal(triton_memory.top_units(mass, k), want)
     by_rank = triton_memory.top_units(mass, k, ascending=False)
-    assert torch.equal(by_rank, reference.top_units(mass, k, ascending=False))
+    assert torch.equal(by_rank, _ranked_with_ties_to_the_lower_id(mass, k))
     assert torch.equal(by_rank.sort(-1).values, want)
     chosen = mass.gather(-1, by_rank)
     assert torch.all(chosen[..., :-1] >= chosen[..., 1:])  # largest first
@@ -452,7 +451,26 @@ def test_top_units_ranks_like_the_reference(n_units, k):
     assert triton_memory.top_units(tied, k, ascending=False).tolist() == [[list(range(k))]]
 
 
-def test_top_units_beyond_the_ranking_size_selects_by_radix():
-    mass = torch.rand(1, 2, triton_memory.RANK_MAX_UNITS + 10, device=DEVICE)
-    got = triton_memory.top_units(mass, 4)
-    assert torch.equal(got, reference.top_units(mass, 4))
+# Segments then their candidates (600 units: at k=100 the last segment is short of k), and
+# segments, candidates, then theirs (5,000 units at k=32: 20 segments, 640 candidates, 3 segments).
+@pytest.mark.parametrize(("n_units", "k"), [(600, 5), (600, 100), (1100, 32), (5000, 32)])
+def test_top_units_by_segments_ranks_like_the_reference(n_units, k):
+    """Beyond one launch, each segment keeps its top k and the candidates are ranked again: the
+    same units and order as ranking all at once, ties (whole segments of them) to the lower id."""
+    assert triton_memory.RANK_ONE_LAUNCH_MAX == 512 and triton_memory.RANK_SEGMENT == 256
+    torch.manual_seed(n_units + k)
+    mass = torch.rand(2, 2, n_units, device=DEVICE)
+    mass[0, 0, -300:] = -1.0  # spare capacity, past the last unit
+    mass[1, 0] = torch.randint(0, 3, (n_units,), device=DEVICE).float()  # many ties
+    mass[1, 1, 10:] = 0.5  # a segment's top k equal to the next one's
+    mass[1, 1, :10] = 0.25
+    by_rank = triton_memory.top_units(mass, k, ascending=False)
+    assert torch.equal(by_rank, _ranked_with_ties_to_the_lower_id(mass, k))
+    want = _ranked_with_ties_to_the_lower_id(mass, k).sort(-1).values
+    assert torch.equal(triton_memory.top_units(mass, k), want)
+
+
+def _ranked_with_ties_to_the_lower_id(mass: torch.Tensor, k: int) -> torch.Tensor:
+    """The top k by mass, largest first, equal masses by id: a stable sort (torch's topk may
+    break ties either way)."""
+    return torch.sort(mass, dim=-1, descending=True, stable=True).indices[..., :k]
