@@ -32,6 +32,7 @@ CONFIG_FLAGS = {
     "selfextend_window": int,
     "index": str,
     "index_min_units": int,
+    "retrieve_every": int,
     "device_units": int,
 }
 

@@ -61,6 +61,13 @@ class MemoryConfig(BaseModel):
     index_min_units: int = Field(
         1024, gt=0, description="units a layer holds before index='faiss' is consulted"
     )
+    retrieve_every: int = Field(
+        1,
+        gt=0,
+        description="decoding retrieves its units every this many tokens; the tokens between "
+        "attend the units the last retrieval chose (their queries still join the query window); "
+        "1: every token. Prefill chunks always retrieve",
+    )
     device_units: int | None = Field(
         None,
         gt=0,
@@ -122,9 +129,9 @@ class MemoryConfig(BaseModel):
 
     def same_layout(self, other: MemoryConfig) -> bool:
         """Whether a memory made under `other` is one this layout holds: every field alike but
-        those that only say how units are found or where they are kept (`index`,
-        `index_min_units`, `device_units`)."""
-        ignored = {"index", "index_min_units", "device_units"}
+        those that only say how units are found, how often, or where they are kept (`index`,
+        `index_min_units`, `retrieve_every`, `device_units`)."""
+        ignored = {"index", "index_min_units", "retrieve_every", "device_units"}
         return self.model_dump(exclude=ignored) == other.model_dump(exclude=ignored)
 
     @property

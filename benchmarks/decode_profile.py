@@ -72,13 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
     parser.add_argument("--tokens", default="4096,131072")
     parser.add_argument("--preset", default="4k")
+    parser.add_argument("--retrieve-every", type=int, default=1, help="MemoryConfig.retrieve_every")
     parser.add_argument("--steps", type=int, default=128, help="decode steps profiled per size")
     parser.add_argument("--top", type=int, default=25, help="kernels listed per step")
     parser.add_argument("--out", type=Path, default=None, help="JSON rows to write")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("this benchmark needs a CUDA GPU")
-    memory = agentmem.MemoryConfig.preset(args.preset)
+    memory = agentmem.MemoryConfig.preset(args.preset, retrieve_every=args.retrieve_every)
     model = agentmem.wrap(build_model(args.shape), memory)
     rows = []
     for n_tokens in (int(s) for s in args.tokens.split(",") if s):

@@ -9,6 +9,7 @@
   over the same number of keys, and against the GPU's measured matmul and copy ceilings; the
   retrieval step's time per layer;
 - peak GPU memory against context length;
+- `--retrieve-every N`: decoding retrieves every N tokens (`MemoryConfig.retrieve_every`);
 - with `--device-units P`, decode and prefill again with KV tiers (`MemoryConfig.device_units`):
   unit keys and values in pinned host memory, P units per layer and key head cached on the GPU;
   the tiered decode's peak is taken after the fill (which makes each layer's units on the GPU
@@ -464,14 +465,20 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="also decode with KV tiers: this many units per layer and key head on the GPU",
     )
+    parser.add_argument(
+        "--retrieve-every",
+        type=int,
+        default=1,
+        help="MemoryConfig.retrieve_every: decoded tokens per retrieval",
+    )
     parser.add_argument("--tag", default="h100")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)  # fmt: skip
     if not torch.cuda.is_available():
         parser.error("this benchmark needs a CUDA GPU")
-    memory = agentmem.MemoryConfig.preset(args.preset)
+    memory = agentmem.MemoryConfig.preset(args.preset, retrieve_every=args.retrieve_every)
     tiered = args.device_units and agentmem.MemoryConfig.preset(
-        args.preset, device_units=args.device_units
+        args.preset, retrieve_every=args.retrieve_every, device_units=args.device_units
     )
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / f"scale_{args.tag}.json"

@@ -37,6 +37,7 @@ def test_config_is_frozen_and_rejects_unknown_fields():
         ({"position": "selfextend", "selfextend_window": 100}, "multiple of"),
         ({"unit_size": 0}, "greater than 0"),
         ({"position": "sideways"}, "contiguous"),
+        ({"retrieve_every": 0}, "greater than 0"),
     ],
 )
 def test_impossible_combinations_say_what_to_change(fields, message):
@@ -52,3 +53,9 @@ def test_presets_are_valid_and_overridable():
         MemoryConfig.preset("huge")
     with pytest.raises(ValueError, match="lower exec_chunk"):
         MemoryConfig.preset("default", n_local=100)
+
+
+def test_how_often_decoding_retrieves_is_not_part_of_the_layout():
+    """A memory read with one `retrieve_every` can be decoded with another."""
+    assert MemoryConfig(retrieve_every=4).same_layout(MemoryConfig())
+    assert not MemoryConfig(retrieve_every=4).same_layout(MemoryConfig(unit_size=32))

@@ -56,8 +56,10 @@ class StaticSteps:
         self.use_graph = capturable(first.device, first.shape[-1]) if graph is None else graph
         # A step must always fit: decoding adds one unit at most, a chunk tokens / unit_size.
         self.unit_room = max(unit_room, tokens // cache.config.unit_size, 1)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
+        # Captured steps by whether they reuse the last retrieval's units (`retrieve_every`),
+        # each with its logits buffer.
+        self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.reuses = tokens == 1 and cache.config.retrieve_every > 1
         self._start()
 
     @torch.inference_mode()
@@ -93,9 +95,12 @@ class StaticSteps:
 
     def _capture(self) -> None:
         self._warm_up()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), self._armed():
-            self.logits = self._forward()
+        self.graphs = {}
+        for reuse in (False, True) if self.reuses else (False,):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), self._armed(reuse):
+                logits = self._forward()
+            self.graphs[reuse] = graph, logits
 
     def _warm_up(self) -> None:
         """One step run and undone: compiles kernels and fills allocator pools before capturing.
@@ -112,6 +117,10 @@ class StaticSteps:
             None if layer.recent_q is None else layer.recent_q.clone() for layer in self.layers
         ]
         saved_sliding = [(layer.k.clone(), layer.v.clone()) for layer in self.sliding]
+        # the last retrieval's units, which the warm-up's own retrieval overwrites
+        saved_ids = [
+            None if layer.static_ids is None else layer.static_ids.clone() for layer in self.layers
+        ]
         stream = torch.cuda.Stream() if self.input_ids.is_cuda else None
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream())
@@ -133,6 +142,9 @@ class StaticSteps:
             for layer, (k, v) in zip(self.sliding, saved_sliding, strict=True):
                 layer.k.copy_(k)
                 layer.v.copy_(v)
+            for layer, ids in zip(self.layers, saved_ids, strict=True):
+                if ids is not None:
+                    layer.static_ids.copy_(ids)
 
     @torch.inference_mode()
     def run(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -151,26 +163,33 @@ class StaticSteps:
         for layer in self.layers:
             layer.before_static_step()
         self.input_ids.copy_(input_ids)
-        if self.graph is not None:
-            self.graph.replay()
-            logits = self.logits
+        # retrieve_every > 1: every layer counts the same tokens, so all reuse or none do
+        reuse = self.reuses and self.layers[0].reuses_ids(1, self.layers[0].seen + 1)
+        if self.graphs:
+            graph, logits = self.graphs[reuse]
+            graph.replay()
         else:
-            with self._armed():
+            with self._armed(reuse):
                 logits = self._forward()
         for layer in self._all_layers:
             layer.after_static_step()
         return logits
 
     @contextmanager
-    def _armed(self) -> Iterator[None]:
-        """Model steps inside take the layers' static path."""
+    def _armed(self, reuse: bool = False) -> Iterator[None]:
+        """Model steps inside take the layers' static path (`reuse`: attending the units the
+        last retrieval chose)."""
         for layer in self._all_layers:
             layer.static_armed = True
+        for layer in self.layers:
+            layer.static_reuse = reuse
         try:
             yield
         finally:
             for layer in self._all_layers:
                 layer.static_armed = False
+            for layer in self.layers:
+                layer.static_reuse = False
 
     def _needs_room(self, layer) -> bool:
         adds = self.tokens > 1 or layer.n_local + 1 > layer.config.n_local
@@ -180,7 +199,7 @@ class StaticSteps:
         """Back to ordinary steps (the memory stays as the static steps left it)."""
         for layer in self._all_layers:
             layer.stop_static()
-        self.graph = None
+        self.graphs = {}
 
 
 class StaticDecoder(StaticSteps):

@@ -55,6 +55,9 @@ class MemoryLayer:
         # `last_ranked`, else ascending
         self.last_ids: torch.Tensor | None = None
         self.last_ranked = False
+        # Whether the next one-token step may attend `last_ids` again (`retrieve_every`): they
+        # were chosen by a one-token step, with no longer step since.
+        self.reusable_ids = False
         # [B, Hq, query_window, D]: the latest queries, rotated to the scoring distance (zeros
         # before any: a zero query adds the same mass to every unit, so it changes no choice).
         self.recent_q: torch.Tensor | None = None
@@ -67,6 +70,10 @@ class MemoryLayer:
         self.static_query: torch.Tensor | None = None  # the ring of one, query_window=1
         self.static_tokens = 1  # tokens per static step
         self.static_armed = False  # set by agentmem.hf.graphs around the static steps it runs
+        # retrieve_every > 1: the last retrieval's ids in a buffer both captured decoding steps
+        # read, and whether the step being run (or captured) attends them rather than retrieving
+        self.static_ids: torch.Tensor | None = None
+        self.static_reuse = False
 
     def empty(self) -> MemoryLayer:
         """A new, empty memory of this layer's layout."""
@@ -155,6 +162,7 @@ class MemoryLayer:
             self.local_rotated.append(rope(local_k.float(), cos, sin).to(local_k.dtype))
         self.last_ids = tensors.get("last_ids")
         self.last_ranked = meta.get("last_ranked", False)  # older states do not say
+        self.reusable_ids = False
         self.recent_q = tensors.get("recent_q")
         self.index = UnitIndex()
         self.pending.clear()
@@ -277,10 +285,13 @@ class MemoryLayer:
         cfg = self.config
         self._make_room(k.shape[2])
         self._append_local(k, v)
-        self.last_ids, self.last_ranked = None, False
         scoring = self._scoring_queries(q) if cfg.retrieves else None
-        if cfg.retrieves and self.units.n_units:
-            self.last_ids = self._retrieve(scoring, scale)
+        if not self.reuses_ids(q.shape[2]):
+            self.last_ids, self.last_ranked = None, False
+            if cfg.retrieves and self.units.n_units:
+                self.last_ids = self._retrieve(scoring, scale)
+        self.reusable_ids = q.shape[2] == 1 and self.last_ids is not None
+        if self.last_ids is not None:
             self.units.fault_in(self.last_ids)  # a lazily resumed memory reads them now
         if self.reads_in_place:
             return self._attend_in_place(q, scale, self.last_ids, self.n_local)
@@ -292,6 +303,15 @@ class MemoryLayer:
         if mass is not None:
             self.local_mass.add_(mass)
         return out
+
+    def reuses_ids(self, tokens: int, seen: int | None = None) -> bool:
+        """Whether a step of `tokens` tokens that brings the stream to `seen` tokens (this
+        layer's count by default: a step whose tokens are appended) attends the last step's
+        units rather than retrieving: one-token steps between every `retrieve_every`-th token
+        of the stream, after a one-token step that chose units."""
+        seen = self.seen if seen is None else seen
+        every = self.config.retrieve_every
+        return tokens == 1 and every > 1 and self.reusable_ids and seen % every != 0
 
     def _attend_in_place(
         self, q: torch.Tensor, scale: float, ids: torch.Tensor | None, n_local: int | torch.Tensor
@@ -457,6 +477,16 @@ class MemoryLayer:
         self.counts = torch.zeros(3, dtype=torch.int32, device=self.local_k.device)
         self.static_query = None  # made by the first step, in its shape
         self.static_tokens = tokens
+        self.static_ids = None
+        if tokens == 1 and cfg.retrieve_every > 1:
+            shape = (*self.local_k.shape[:2], cfg.topk)
+            reusable = self.reusable_ids and tuple(self.last_ids.shape) == shape
+            self.reusable_ids = reusable
+            self.static_ids = (
+                self.last_ids.clone()
+                if reusable
+                else torch.zeros(shape, dtype=torch.long, device=self.local_k.device)
+            )
         self._sync_counts()
 
     def stop_static(self) -> None:
@@ -492,7 +522,9 @@ class MemoryLayer:
             for part in (*self.local, self.local_rotated):
                 part.length += 1
             self.ring = (self.ring + 1) % self.config.query_window
+            self.reusable_ids = True
         else:  # T tokens packed into units, T new ones in the window
+            self.reusable_ids = False
             for part in (self.units.keys, self.units.values):
                 part.length += tokens
             self.units.reps.length += tokens // self.config.unit_size
@@ -526,7 +558,12 @@ class MemoryLayer:
             local_mass=self.local[2].buffer, local_rotated=self.local_rotated.buffer,
             queries=queries, counts=self.counts, cos=cos, sin=sin, query_position=distance,
         )  # fmt: skip
-        self.last_ids = self._retrieve(queries, scale, n_units=self.counts[1:2])
+        if self.static_ids is None:
+            self.last_ids = self._retrieve(queries, scale, n_units=self.counts[1:2])
+        else:  # retrieve_every > 1: one captured step retrieves, the other reads its choice
+            if not self.static_reuse:
+                self.static_ids.copy_(self._retrieve(queries, scale, n_units=self.counts[1:2]))
+            self.last_ids = self.static_ids
         return self._attend_in_place(q, scale, self.last_ids, self.counts[0:1])
 
     def _static_chunk(

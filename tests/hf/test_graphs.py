@@ -40,12 +40,13 @@ def _twin_caches(model, prompt, memory=None):
 
 @pytest.mark.parametrize("position", ["infllm", "stacked"])
 @pytest.mark.parametrize("repr", ["attention", "mean"])
-@pytest.mark.parametrize("query_window", [1, 6])
-def test_static_steps_equal_ordinary_steps(position, repr, query_window):
+@pytest.mark.parametrize(("query_window", "retrieve_every"), [(1, 1), (6, 1), (6, 3)])
+def test_static_steps_equal_ordinary_steps(position, repr, query_window, retrieve_every):
     model, tokens = _model_and_tokens(0, 180, batch=2)
     config = CONFIG.model_copy(
-        update={"position": position, "repr": repr, "query_window": query_window}
-    )
+        update={"position": position, "repr": repr, "query_window": query_window,
+                "retrieve_every": retrieve_every}
+    )  # fmt: skip
     prompt, follow = tokens[:, :100], tokens[:, 100:]
     ordinary, static = _twin_caches(model, prompt, config)
     # unit_room=1: the pool fills within the 80 steps and must grow (capture again)
@@ -73,12 +74,16 @@ def test_static_steps_equal_ordinary_steps(position, repr, query_window):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("position", ["infllm", "stacked"])
-def test_static_steps_of_a_tiered_memory_equal_ordinary_steps_of_a_whole_one(position):
+@pytest.mark.parametrize(
+    ("position", "retrieve_every"), [("infllm", 1), ("stacked", 1), ("infllm", 2)]
+)
+def test_static_steps_of_a_tiered_memory_equal_ordinary_steps_of_a_whole_one(
+    position, retrieve_every
+):
     """KV tiers under static steps: the host pool (pinned on a GPU, read in place by the captured
     copy) and the device cache give the logits of a memory that holds every unit on its device."""
     model, tokens = _model_and_tokens(1, 200)
-    config = CONFIG.model_copy(update={"position": position})
+    config = CONFIG.model_copy(update={"position": position, "retrieve_every": retrieve_every})
     tiered = config.model_copy(update={"device_units": 3})
     prompt, follow = tokens[:, :100], tokens[:, 100:]
     ordinary = agentmem.new_cache(model, config)
@@ -97,6 +102,38 @@ def test_static_steps_of_a_tiered_memory_equal_ordinary_steps_of_a_whole_one(pos
         assert b.units.keys.buffer.is_pinned() == (DEVICE == "cuda")
         assert b.units.cache.keys.device.type == DEVICE
         assert 0 < b.units.cache.hit_rate() < 1
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_decoding_retrieves_every_few_tokens(static):
+    """retrieve_every=3: a decoded token retrieves where the stream reaches a multiple of 3
+    tokens, and the first after a prompt always; the others attend the units chosen last. The
+    first layer's queries and keys depend on the tokens alone, so there a memory that retrieves
+    every token shows what each retrieval chooses. Both step paths keep the schedule, a capture
+    renewed midway (unit_room=1) included."""
+    model, tokens = _model_and_tokens(2, 230)
+    every_token = agentmem.new_cache(model, CONFIG)
+    every_third = agentmem.new_cache(model, CONFIG.model_copy(update={"retrieve_every": 3}))
+    for cache in (every_token, every_third):
+        prefill(model, cache, tokens[:, :101], chunk=16)
+    decoder = StaticDecoder(model, every_third, unit_room=1) if static else None
+    fresh, kept = every_token.memory_layers[0], every_third.memory_layers[0]
+    chosen, changed = None, 0
+    for token in tokens[:, 101:].T:
+        decode_one_token(model, every_token, token)
+        if static:
+            decoder.step(token)
+        else:
+            decode_one_token(model, every_third, token)
+        if kept.seen == 102 or kept.seen % 3 == 0:  # retrieved: what retrieving chooses now
+            chosen = fresh.last_ids.sort(-1).values
+        else:  # kept: the last choice, where a retrieval would often choose others
+            changed += not torch.equal(fresh.last_ids.sort(-1).values, chosen)
+        assert torch.equal(kept.last_ids.sort(-1).values, chosen)
+    assert changed >= 5
+    if static:
+        assert decoder.unit_room > 1  # the pool filled: captured again, the schedule kept
+        decoder.close()
 
 
 def test_static_decoding_needs_a_steady_state():
