@@ -69,7 +69,8 @@ def step_row(head_dim: int, n_units: int) -> dict:
 
 def mass_sweep(head_dim: int, n_units: int) -> list[dict]:
     """Each pass of `unit_mass` (logits kept) under other tiles: one pass where one block holds
-    every unit, else pass 1, pass 2 reading the rows' lse, pass 2 combining it, the lse launch."""
+    every unit, else pass 1, pass 2 reading the rows' lse, pass 2 combining pass 1's statistics,
+    the lse launch, and the lse launch split over programs (as beyond 32 blocks)."""
     q = torch.randn(1, KV_HEADS * GROUP, QUERIES, head_dim, device="cuda", dtype=torch.bfloat16)
     reps = torch.randn(1, KV_HEADS, n_units, REPS, head_dim, device="cuda", dtype=torch.bfloat16)
     found = []
@@ -95,16 +96,26 @@ def _time_passes(q: torch.Tensor, reps: torch.Tensor, config: dict) -> dict:
         triton_memory.unit_mass_kernel[(KV_HEADS, n_blocks)](
             q, reps, n_valid, stats_m, stats_l, lse, logits, mass, 0.125,
             q.stride(0), q.stride(1), q.stride(2), reps.stride(0), reps.stride(1), reps.stride(2),
-            QUERIES, KV_HEADS, rows, n_units,
+            QUERIES, KV_HEADS, rows, n_units, n_blocks,
             G=GROUP, D=head_dim, R=REPS, BM=config["BM"], BN=config["BN"], PASS=pass_,
             MINMAX=False, KEEP=True, COMBINE=combine, EXACT=False, N_ON_DEVICE=True,
             num_warps=config["num_warps"], num_stages=config["num_stages"],
         )  # fmt: skip
 
     def combine_lse() -> None:
-        triton_memory.unit_lse_kernel[(KV_HEADS, triton.cdiv(rows, 32))](
-            stats_m, stats_l, lse, rows, n_blocks, BR=32, num_warps=2
-        )
+        triton_memory.unit_lse_kernel[(KV_HEADS, triton.cdiv(rows, 32), 1)](
+            stats_m, stats_l, lse, lse, rows, n_blocks, n_blocks, BR=32, PARTIAL=False,
+            num_warps=2,
+        )  # fmt: skip
+
+    n_splits = min(triton_memory.LSE_MAX_SPLITS, triton.cdiv(n_blocks, 32))
+    parts = [_alloc((KV_HEADS, n_splits, rows), q.device) for _ in "ml"]
+
+    def combine_lse_split() -> None:  # the blocks spread over n_splits programs a row
+        triton_memory.unit_lse_kernel[(KV_HEADS, triton.cdiv(rows, 32), n_splits)](
+            stats_m, stats_l, *parts, rows, n_blocks, triton.cdiv(n_blocks, n_splits), BR=32,
+            PARTIAL=True, num_warps=2,
+        )  # fmt: skip
 
     if n_blocks == 1:
         return {"pass0_us": per_launch_us(lambda: launch(0, False))}
@@ -113,6 +124,8 @@ def _time_passes(q: torch.Tensor, reps: torch.Tensor, config: dict) -> dict:
         "pass2_us": per_launch_us(lambda: launch(2, False)),
         "pass2_combining_us": per_launch_us(lambda: launch(2, True)),
         "lse_us": per_launch_us(combine_lse),
+        "lse_splits": n_splits,
+        "lse_split_us": per_launch_us(combine_lse_split),
     }
 
 

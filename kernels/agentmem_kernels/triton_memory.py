@@ -370,7 +370,7 @@ def unit_mass_kernel(
     scale,
     stride_qb, stride_qh, stride_qt,
     stride_rb, stride_rh, stride_rn,
-    T, HKV, ROWS, NCAP,
+    T, HKV, ROWS, NCAP, N_STATS,
     G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     PASS: tl.constexpr, MINMAX: tl.constexpr, KEEP: tl.constexpr, COMBINE: tl.constexpr,
     EXACT: tl.constexpr,
@@ -378,7 +378,8 @@ def unit_mass_kernel(
 ):  # fmt: skip
     """PASS 1: per-row max and sum of exp of this block's unit logits (and, KEEP, the logits).
     PASS 2: each unit's mass, sum over rows of exp(logit - lse of the row): the logits read back
-    (KEEP) or computed again; each row's lse combined here from the statistics (COMBINE) or read.
+    (KEEP) or computed again; each row's lse combined here (COMBINE) from N_STATS statistics
+    (pass 1's, or `unit_lse_kernel`'s partial ones), or read.
     PASS 0: one block holds every unit: each row's softmax and the mass at once."""
     i_bh, i_n = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // HKV, i_bh % HKV
@@ -445,8 +446,8 @@ def unit_mass_kernel(
             if KEEP:
                 tl.store(p_logits, b_s, mask=m_r[:, None] & (o_n[None, :] < NCAP))
         else:
-            if COMBINE:  # few rows or blocks: each program combines the rows' statistics itself
-                b_lse = _combined_lse(stats_m, stats_l, i_bh, n_blocks, ROWS, o_r, m_r, BM)
+            if COMBINE:  # each program combines the rows' statistics itself
+                b_lse = _combined_lse(stats_m, stats_l, i_bh, N_STATS, ROWS, o_r, m_r, BM)
                 b_lse = tl.where(m_r, b_lse, float("inf"))
             else:
                 b_lse = tl.load(lse + i_bh * ROWS + o_r, mask=m_r, other=float("inf"))
@@ -456,15 +457,15 @@ def unit_mass_kernel(
 
 
 @triton.jit
-def _combined_lse(stats_m, stats_l, i_bh, n_blocks, ROWS, o_r, m_r, BLOCK: tl.constexpr):
-    """Rows `o_r`'s log-sum-exp over every unit, from each block's maximum and sum (pass 1),
-    read 16 blocks at a time and combined online (a block at a time was a chain of dependent
-    loads: 29 us at 256 blocks on an H200, 11 us now)."""
+def _block_stats(stats_m, stats_l, i_bh, n_blocks, lo, hi, ROWS, o_r, m_r, BLOCK: tl.constexpr):
+    """Rows `o_r`'s maximum and sum of exp (relative to it) over blocks [lo, hi) of the
+    [B * Hkv, n_blocks, ROWS] statistics, read 16 blocks at a time and combined online (a block
+    at a time was a chain of dependent loads: 29 us at 256 blocks on an H200, 11 us so)."""
     o_blk = tl.arange(0, 16)
     b_top = tl.full([BLOCK], float("-inf"), tl.float32)
     b_sum = tl.zeros([BLOCK], tl.float32)
-    for first in range(0, n_blocks, 16):
-        m_blk = (first + o_blk < n_blocks)[:, None] & m_r[None, :]
+    for first in range(lo, hi, 16):
+        m_blk = (first + o_blk < hi)[:, None] & m_r[None, :]
         p_blk = (i_bh * n_blocks + first + o_blk)[:, None] * ROWS + o_r[None, :]
         b_blk_m = tl.load(stats_m + p_blk, mask=m_blk, other=float("-inf"))
         b_blk_l = tl.load(stats_l + p_blk, mask=m_blk, other=0.0)
@@ -474,18 +475,47 @@ def _combined_lse(stats_m, stats_l, i_bh, n_blocks, ROWS, o_r, m_r, BLOCK: tl.co
             b_blk_l * tl.exp(b_blk_m - b_safe[None, :]), 0
         )
         b_top = b_new
+    return b_top, b_sum
+
+
+@triton.jit
+def _combined_lse(stats_m, stats_l, i_bh, n_blocks, ROWS, o_r, m_r, BLOCK: tl.constexpr):
+    """Rows `o_r`'s log-sum-exp over every unit, from each block's maximum and sum."""
+    b_top, b_sum = _block_stats(
+        stats_m, stats_l, i_bh, n_blocks, 0, n_blocks, ROWS, o_r, m_r, BLOCK
+    )
     b_safe = tl.where(b_top == float("-inf"), 0.0, b_top)
     return b_safe + tl.log(tl.where(m_r, b_sum, 1.0))
 
 
 @triton.jit
-def unit_lse_kernel(stats_m, stats_l, lse, ROWS, N_BLOCKS, BR: tl.constexpr):
-    """Each row's log-sum-exp, once for every program of the second pass (many blocks)."""
-    i_bh, i_r = tl.program_id(0), tl.program_id(1)
+def unit_lse_kernel(
+    stats_m, stats_l, out_m, out_l, ROWS, N_BLOCKS, PER_SPLIT,
+    BR: tl.constexpr, PARTIAL: tl.constexpr,
+):  # fmt: skip
+    """Each row's log-sum-exp, once for every program of the second pass; PARTIAL, each program
+    (a third grid axis) combines PER_SPLIT blocks only and writes their maximum and sum, which
+    the second pass combines (many blocks: 511 at 16K units, one chain per row was 22 us)."""
+    i_bh, i_r, i_split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_r = i_r * BR + tl.arange(0, BR)
     m_r = o_r < ROWS
-    b_lse = _combined_lse(stats_m, stats_l, i_bh, N_BLOCKS, ROWS, o_r, m_r, BR)
-    tl.store(lse + i_bh * ROWS + o_r, b_lse, mask=m_r)
+    lo = i_split * PER_SPLIT
+    hi = tl.minimum(lo + PER_SPLIT, N_BLOCKS)
+    b_top, b_sum = _block_stats(stats_m, stats_l, i_bh, N_BLOCKS, lo, hi, ROWS, o_r, m_r, BR)
+    if PARTIAL:
+        p_out = (i_bh * tl.num_programs(2) + i_split) * ROWS + o_r
+        tl.store(out_m + p_out, b_top, mask=m_r)
+        tl.store(out_l + p_out, b_sum, mask=m_r)
+    else:
+        b_safe = tl.where(b_top == float("-inf"), 0.0, b_top)
+        tl.store(out_m + i_bh * ROWS + o_r, b_safe + tl.log(tl.where(m_r, b_sum, 1.0)), mask=m_r)
+
+
+# Blocks of units whose statistics one program of `unit_lse_kernel` combines, beyond which the
+# combining is split over several programs a row (at most LSE_MAX_SPLITS), then finished by
+# each program of the second pass.
+LSE_BLOCKS_PER_SPLIT = 32
+LSE_MAX_SPLITS = 32
 
 
 def unit_mass(
@@ -548,15 +578,15 @@ def unit_mass(
         )
         mass = triton_attention._alloc((batch * n_kv_heads, capacity), q.device)
 
-        def launch(pass_, lse):
+        def launch(pass_, lse, stats=(stats_m, stats_l), n_stats=n_blocks, combining=combine):
             unit_mass_kernel[(batch * n_kv_heads, n_blocks)](
-                q, reps, n_valid, stats_m, stats_l, lse, logits, mass,
+                q, reps, n_valid, *stats, lse, logits, mass,
                 scale,
                 q.stride(0), q.stride(1), q.stride(2),
                 reps.stride(0), reps.stride(1), reps.stride(2),
-                n_queries, n_kv_heads, rows, capacity,
+                n_queries, n_kv_heads, rows, capacity, n_stats,
                 G=group, D=head_dim, R=r, BM=config["BM"], BN=block_n,
-                PASS=pass_, MINMAX=kind == "minmax", KEEP=keep, COMBINE=combine,
+                PASS=pass_, MINMAX=kind == "minmax", KEEP=keep, COMBINE=combining,
                 EXACT=q.dtype == torch.float32,
                 N_ON_DEVICE=on_device,
                 num_warps=config["num_warps"], num_stages=config["num_stages"],
@@ -569,11 +599,22 @@ def unit_mass(
         if combine:
             launch(2, stats_m)  # lse combined inside
             return mass.view(batch, n_kv_heads, capacity)
-        lse = triton_attention._alloc((batch * n_kv_heads, rows), q.device)
-        unit_lse_kernel[(batch * n_kv_heads, triton.cdiv(rows, 32))](
-            stats_m, stats_l, lse, rows, n_blocks, BR=32, num_warps=2
-        )
-        launch(2, lse)
+        n_splits = min(LSE_MAX_SPLITS, triton.cdiv(n_blocks, LSE_BLOCKS_PER_SPLIT))
+        per_split = triton.cdiv(n_blocks, n_splits)
+        grid = (batch * n_kv_heads, triton.cdiv(rows, 32), n_splits)
+        if n_splits == 1:
+            lse = triton_attention._alloc((batch * n_kv_heads, rows), q.device)
+            unit_lse_kernel[grid](
+                stats_m, stats_l, lse, lse, rows, n_blocks, per_split, BR=32, PARTIAL=False,
+                num_warps=2,
+            )  # fmt: skip
+            launch(2, lse)
+            return mass.view(batch, n_kv_heads, capacity)
+        parts = [triton_attention._alloc(grid[:1] + (n_splits, rows), q.device) for _ in "ml"]
+        unit_lse_kernel[grid](
+            stats_m, stats_l, *parts, rows, n_blocks, per_split, BR=32, PARTIAL=True, num_warps=2
+        )  # fmt: skip
+        launch(2, stats_m, stats=parts, n_stats=n_splits, combining=True)
         return mass.view(batch, n_kv_heads, capacity)
 
     # Many representatives a unit (repr_topk 16 at head size 64) once asked an H200 for 418 KB

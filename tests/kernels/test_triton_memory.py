@@ -237,9 +237,11 @@ def test_unit_mass(kind, n_queries, dtype):
         assert torch.equal(reference.top_units(got, 5), reference.top_units(want, 5))
 
 
-# 40 units fit one block (a single pass); 75 and 700 take several: one query's rows are combined
-# by each program of the second pass, 30 or 150 queries' by a launch of their own.
-@pytest.mark.parametrize(("capacity", "valid"), [(40, 33), (75, 70), (700, 600)])
+# 40 units fit one block (a single pass); 75 and more take several: one query's rows are combined
+# by each program of the second pass, 30 or 150 queries' by a launch of their own, which beyond
+# 32 blocks (2,100 units in 66 blocks of 32 at 30 queries) splits the blocks over programs whose
+# partial statistics the second pass combines.
+@pytest.mark.parametrize(("capacity", "valid"), [(40, 33), (75, 70), (700, 600), (2100, 2000)])
 @pytest.mark.parametrize("n_queries", [1, 30, 150])
 def test_unit_mass_by_number_of_blocks(capacity, valid, n_queries):
     torch.manual_seed(5)
