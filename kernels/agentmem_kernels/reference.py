@@ -49,7 +49,9 @@ def segment_attention(
 
     Equal to attending each segment separately and merging by log-sum-exp (`merge`). A query that
     sees no key gets output 0 and lse -inf. With one segment and neither lse nor probs asked for,
-    torch's fused `scaled_dot_product_attention` computes it (every query must then see a key).
+    torch's fused `scaled_dot_product_attention` computes it (every query must then see a key); on
+    the CPU without probs, torch's flash kernel attends each segment and returns its lse, and the
+    segments are merged (`_flash_segments`).
 
     Args:
         q_abs: [T] stream index of each query.
@@ -71,6 +73,9 @@ def segment_attention(
             enable_gqa=True,
         )  # fmt: skip
         return out, None, None
+    if not return_probs and _cpu_flash_with_lse(segments[0].q):
+        out, lse = _flash_segments(segments, masks, scale)
+        return out, lse if return_lse else None, None
 
     logits = []
     for seg, visible in zip(segments, masks, strict=True):
@@ -92,6 +97,53 @@ def segment_attention(
     if return_probs:
         return out, lse, probs.reshape(batch, n_q_heads, n_queries, -1)
     return out, lse, None
+
+
+def _cpu_flash_with_lse(q: torch.Tensor) -> bool:
+    """Whether torch's CPU flash attention, which also returns the lse, takes this query (and a
+    mask: torch 2.3 on)."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return q.device.type == "cpu" and op is not None and "attn_mask" in str(op.default._schema)
+
+
+def _flash_segments(
+    segments: list[KeySegment], masks: list[torch.Tensor], scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`segment_attention`'s out and lse, each segment through torch's CPU flash kernel, merged.
+
+    A key head's query heads are folded into its queries ([B, Hkv, G x T, D]), so keys and values
+    are never repeated; the mask is additive (0 or -inf), none where every key is visible. On two
+    cores, a 512-query chunk over 2,048 keys took 22 ms rather than 163 (head size 64, 7 query
+    heads a key head) and 21 rather than 49 (256, 4), against materialising every logit.
+    """
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    batch, n_q_heads, n_queries, head_dim = segments[0].q.shape
+    n_kv_heads = segments[0].k.shape[1]
+    group = n_q_heads // n_kv_heads
+    out = lse = None
+    for seg, visible in zip(segments, masks, strict=True):
+        q = seg.q.float().reshape(batch, n_kv_heads, group * n_queries, head_dim)
+        if visible.dim() == 5:  # per-head keys: [B, Hkv, 1, T, K]
+            visible = visible.expand(-1, -1, group, -1, -1).flatten(2, 3)
+        else:
+            visible = visible.repeat(group, 1)  # [G x T, K]
+        sees = visible.any(-1)  # rows that see no key get 0 and -inf, not the kernel's NaN
+        bias = None
+        if not bool(visible.all()):
+            bias = torch.zeros(visible.shape, dtype=torch.float32, device=q.device)
+            bias.masked_fill_(~visible, float("-inf"))
+            bias.masked_fill_(~sees.unsqueeze(-1), 0.0)
+        part, part_lse = flash(q, seg.k.float(), seg.v.float(), attn_mask=bias, scale=scale)
+        part = torch.where(sees.unsqueeze(-1), part, 0.0)
+        part_lse = torch.where(sees, part_lse, float("-inf"))
+        if out is None:
+            out, lse = part, part_lse
+        else:
+            out, lse = merge(out, lse, part, part_lse)
+    out = out.view(batch, n_kv_heads, group, n_queries, head_dim).reshape(
+        batch, n_q_heads, n_queries, head_dim
+    )
+    return out, lse.reshape(batch, n_q_heads, n_queries)
 
 
 def attention(

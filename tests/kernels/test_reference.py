@@ -43,9 +43,11 @@ def _brute_attention(q, k, v, scale, q_abs, k_abs, min_dist, max_dist):
     return out, lse
 
 
-@pytest.mark.parametrize(("min_dist", "max_dist"), [(0, None), (0, 5), (4, None)])
+# (8, 3): a window no query sees any key through (output 0, lse -inf).
+@pytest.mark.parametrize(("min_dist", "max_dist"), [(0, None), (0, 5), (4, None), (8, 3)])
 @pytest.mark.parametrize("per_head_abs", [False, True])
-def test_attention_matches_brute_force(min_dist, max_dist, per_head_abs):
+@pytest.mark.parametrize("with_probs", [True, False])  # False: torch's CPU flash kernel, on a CPU
+def test_attention_matches_brute_force(min_dist, max_dist, per_head_abs, with_probs):
     torch.manual_seed(0)
     q, k, v = _random(2, 4, 7, 8), _random(2, 2, 11, 8), _random(2, 2, 11, 8)
     q_abs = torch.arange(20, 27)
@@ -61,11 +63,14 @@ def test_attention_matches_brute_force(min_dist, max_dist, per_head_abs):
         k_abs=k_abs,
         min_dist=min_dist,
         max_dist=max_dist,
-        return_probs=True,
+        return_probs=with_probs,
     )
     want_out, want_lse = _brute_attention(q, k, v, 0.3, q_abs, k_abs, min_dist, max_dist)
     torch.testing.assert_close(out.double(), want_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
+    if not with_probs:
+        assert probs is None
+        return
     seen = torch.isfinite(want_lse)
     sums = probs.sum(-1)[seen].double()
     torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-6, rtol=0)
@@ -201,3 +206,8 @@ def test_segments_under_one_softmax_equal_merged_attentions():
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
     assert probs.shape == (2, 4, 6, 9 + 12 + 7)
+    # without probs (on a CPU: each segment through torch's flash kernel, merged)
+    fast, fast_lse, none = segment_attention(parts, q_abs=q_abs, scale=0.4, return_lse=True)
+    assert none is None
+    torch.testing.assert_close(fast, out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_lse, lse, atol=1e-5, rtol=1e-5)
