@@ -6,6 +6,7 @@ divide query heads `Hq` (GQA). Everything is computed in fp32 and returned in fp
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -100,10 +101,15 @@ def segment_attention(
 
 
 def _cpu_flash_with_lse(q: torch.Tensor) -> bool:
-    """Whether torch's CPU flash attention, which also returns the lse, takes this query (and a
-    mask: torch 2.3 on)."""
+    """Whether torch's CPU flash attention, which also returns the lse, takes this query."""
+    return q.device.type == "cpu" and _cpu_flash_takes_a_mask()
+
+
+@functools.cache
+def _cpu_flash_takes_a_mask() -> bool:
+    """Whether this torch has the CPU flash kernel with a mask argument (2.3 on)."""
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    return q.device.type == "cpu" and op is not None and "attn_mask" in str(op.default._schema)
+    return op is not None and "attn_mask" in str(op.default._schema)
 
 
 def _flash_segments(
