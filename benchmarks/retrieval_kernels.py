@@ -108,7 +108,9 @@ def _time_passes(q: torch.Tensor, reps: torch.Tensor, config: dict) -> dict:
             num_warps=2,
         )  # fmt: skip
 
-    n_splits = min(triton_memory.LSE_MAX_SPLITS, triton.cdiv(n_blocks, 32))
+    n_splits = min(
+        triton_memory.LSE_MAX_SPLITS, triton.cdiv(n_blocks, triton_memory.LSE_BLOCKS_PER_SPLIT)
+    )
     parts = [_alloc((KV_HEADS, n_splits, rows), q.device) for _ in "ml"]
 
     def combine_lse_split() -> None:  # the blocks spread over n_splits programs a row

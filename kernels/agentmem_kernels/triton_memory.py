@@ -602,19 +602,16 @@ def unit_mass(
         n_splits = min(LSE_MAX_SPLITS, triton.cdiv(n_blocks, LSE_BLOCKS_PER_SPLIT))
         per_split = triton.cdiv(n_blocks, n_splits)
         grid = (batch * n_kv_heads, triton.cdiv(rows, 32), n_splits)
-        if n_splits == 1:
-            lse = triton_attention._alloc((batch * n_kv_heads, rows), q.device)
-            unit_lse_kernel[grid](
-                stats_m, stats_l, lse, lse, rows, n_blocks, per_split, BR=32, PARTIAL=False,
-                num_warps=2,
-            )  # fmt: skip
-            launch(2, lse)
-            return mass.view(batch, n_kv_heads, capacity)
-        parts = [triton_attention._alloc(grid[:1] + (n_splits, rows), q.device) for _ in "ml"]
+        partial = n_splits > 1  # then the splits' maxima and sums, else each row's lse
+        out = [triton_attention._alloc((grid[0], n_splits, rows), q.device) for _ in "ml"]
         unit_lse_kernel[grid](
-            stats_m, stats_l, *parts, rows, n_blocks, per_split, BR=32, PARTIAL=True, num_warps=2
+            stats_m, stats_l, *out, rows, n_blocks, per_split, BR=32, PARTIAL=partial,
+            num_warps=2,
         )  # fmt: skip
-        launch(2, stats_m, stats=parts, n_stats=n_splits, combining=True)
+        if partial:
+            launch(2, stats_m, stats=out, n_stats=n_splits, combining=True)
+        else:
+            launch(2, out[0])
         return mass.view(batch, n_kv_heads, capacity)
 
     # Many representatives a unit (repr_topk 16 at head size 64) once asked an H200 for 418 KB
